@@ -1,0 +1,30 @@
+"""Row L2 normalisation x̂ = x / max(‖x‖, eps), as torch.nn.functional.normalize, split into its two O(N·D) halves.
+
+The fused backends never build x̂ for the Gram tiles: they take inverse norms from `inverse_norms` and scale the
+tile products. Their gradient comes out with respect to x̂; `normalization_backward` carries it back to x.
+"""
+
+import torch
+
+EPS = 1e-12  # torch.nn.functional.normalize's default
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 for float64 inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def inverse_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, D) -> (r, clamped): r = 1 / max(‖x‖, eps), float32 (float64 for float64 x), and where eps was taken."""
+    norms = torch.linalg.vector_norm(x, dim=-1, dtype=compute_dtype(x))
+    return 1.0 / norms.clamp_min(EPS), norms <= EPS
+
+
+def normalization_backward(
+    x: torch.Tensor, inv_norm: torch.Tensor, clamped: torch.Tensor, grad_hat: torch.Tensor
+) -> torch.Tensor:
+    """dL/dx from dL/dx̂: r·(g − x̂(x̂·g)); where the norm was clamped, x̂ = x/eps is linear in x and it is r·g."""
+    r = inv_norm.unsqueeze(-1)
+    x_hat = x.to(r.dtype) * r
+    radial = (x_hat * grad_hat).sum(-1, keepdim=True).masked_fill_(clamped.unsqueeze(-1), 0.0)
+    return (grad_hat - x_hat * radial).mul_(r)

@@ -1,0 +1,89 @@
+"""Bad arguments fail early with a message naming the argument; memory of the blockwise backend stays linear in N."""
+
+import pytest
+import torch
+
+from videorepa.kernels import count_pairs, trd_loss
+from videorepa.memory import PeakMemory
+
+S, T = torch.randn(2, 12, 8), torch.randn(2, 12, 5)
+
+BAD_CALLS = [
+    (dict(student=S, teacher=torch.randn(3, 12, 5)), ValueError, r"batch size and token count.*\(2, 12, 8\).*\(3, 12, 5\)"),
+    (dict(student=S, teacher=torch.randn(2, 11, 5)), ValueError, r"\(B, N\).*\(2, 11, 5\)"),
+    (dict(student=S, teacher=torch.randn(12, 5)), ValueError, r"must both be 2-D or both 3-D"),
+    (dict(student=torch.randn(2, 2, 12, 8), teacher=T), ValueError, r"student must be \(N, D\) or \(B, N, D\).*\(2, 2, 12, 8\)"),
+    (dict(student=S, teacher=torch.randn(5)), ValueError, r"teacher must be \(N, D\) or \(B, N, D\)"),
+    (dict(student=S.long(), teacher=T), TypeError, r"student must have a floating dtype.*int64"),
+    (dict(student=S, teacher=T.int()), TypeError, r"teacher must have a floating dtype.*int32"),
+    (dict(student=S.numpy(), teacher=T), TypeError, r"student must be a torch.Tensor"),
+    (dict(student=S, teacher=T.to("meta")), ValueError, r"student is on cpu but teacher is on meta"),
+    (dict(student=S, teacher=T, mode="diagonal"), ValueError, r"mode must be one of.*'diagonal'"),
+    (dict(student=S, teacher=T, backend="cuda"), ValueError, r"backend must be one of.*'cuda'"),
+    (dict(student=S, teacher=T, mode="spatial"), ValueError, r"mode 'spatial' needs tokens_per_frame"),
+    (dict(student=S, teacher=T, mode="temporal", tokens_per_frame=5), ValueError, r"tokens_per_frame=5.*divide N=12"),
+    (dict(student=S, teacher=T, mode="spatial", tokens_per_frame=0), ValueError, r"tokens_per_frame=0"),
+    (dict(student=S, teacher=T, mode="spatial", tokens_per_frame=4.0), TypeError, r"tokens_per_frame must be an int"),
+    (dict(student=S, teacher=T, mode="temporal", tokens_per_frame=12), ValueError, r"at least two frames"),
+    (dict(student=S, teacher=T, margin=-0.1), ValueError, r"margin must be >= 0, got -0.1"),
+    (dict(student=S, teacher=T, margin=float("nan")), ValueError, r"margin must be >= 0"),
+    (dict(student=S, teacher=T, margin="0.1"), TypeError, r"margin must be a number"),
+    (dict(student=torch.randn(2, 0, 8), teacher=torch.randn(2, 0, 5)), ValueError, r"at least one clip and one token"),
+    (dict(student=torch.randn(0, 4, 8), teacher=torch.randn(0, 4, 5)), ValueError, r"at least one clip and one token"),
+    (dict(student=torch.randn(2, 12, 0), teacher=T), ValueError, r"feature width must be at least 1"),
+    (dict(student=S.double(), teacher=T.double(), backend="triton"), TypeError, r"backend 'triton' takes float32.*float64"),
+    (dict(student=S, teacher=T, deterministic=1), TypeError, r"deterministic must be a bool"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, message", BAD_CALLS, ids=[m for _, _, m in BAD_CALLS])
+def test_bad_input_is_named(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        trd_loss(**kwargs)
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend 'triton' needs CUDA tensors.*cpu"):
+        trd_loss(S, T, backend="triton")
+
+
+def test_auto_uses_blockwise_torch_on_cpu_and_float64_works():
+    s, t = S.double().requires_grad_(), T.double()
+    loss = trd_loss(s, t, backend="auto")
+    loss.backward()
+    expected = trd_loss(s.detach(), t, backend="naive")
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 1e-7
+    assert s.grad.dtype == torch.float64
+
+
+def test_pair_counts():
+    assert count_pairs(12, 12, "full") == 144
+    assert count_pairs(12, 4, "spatial") == 3 * 16
+    assert count_pairs(12, 4, "temporal") == 144 - 48
+
+
+def extra_peak_mib(backend, tokens, width=16):
+    student = torch.randn(tokens, width, requires_grad=True)
+    teacher = torch.randn(tokens, width)
+    with PeakMemory("cpu") as mem:
+        trd_loss(student, teacher, backend=backend).backward()
+    return mem.peak_mib
+
+
+def test_torch_backend_memory_grows_linearly_in_tokens():
+    small, large = extra_peak_mib("torch", 1024), extra_peak_mib("torch", 4096)
+    naive_small, naive_large = extra_peak_mib("naive", 1024), extra_peak_mib("naive", 4096)
+    # 4× the tokens: linear memory grows ~4×, the N×N Gram matrices of the naive path ~16×.
+    assert large / small < 5
+    assert naive_large / naive_small > 12
+    assert large < 0.1 * naive_large
+
+
+def test_peak_memory_counts_live_tensors_only():
+    with PeakMemory("cpu") as mem:
+        big = torch.empty(2**20)  # 4 MiB
+        view = big[::2]
+        del big, view
+        torch.zeros(2**19)  # 2 MiB, after the 4 MiB block is gone
+    assert mem.peak_mib == 4.0

@@ -1,0 +1,48 @@
+"""nn.Module wrappers around the alignment losses."""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .kernels import trd_loss
+
+
+class TRDLoss(nn.Module):
+    """Token Relation Distillation loss as a module; same arguments as `videorepa.kernels.trd_loss`.
+
+    Example:
+        >>> criterion = TRDLoss(margin=0.1, mode="full")
+        >>> student = torch.randn(2, 64, 32, requires_grad=True)
+        >>> teacher = torch.randn(2, 64, 48)
+        >>> criterion(student, teacher).backward()
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.1,
+        mode: str = "full",
+        tokens_per_frame: Optional[int] = None,
+        backend: str = "auto",
+        deterministic: bool = True,
+    ):
+        super().__init__()
+        self.margin = margin
+        self.mode = mode
+        self.tokens_per_frame = tokens_per_frame
+        self.backend = backend
+        self.deterministic = deterministic
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return trd_loss(
+            student,
+            teacher,
+            margin=self.margin,
+            mode=self.mode,
+            tokens_per_frame=self.tokens_per_frame,
+            backend=self.backend,
+            deterministic=self.deterministic,
+        )
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, mode={self.mode!r}, tokens_per_frame={self.tokens_per_frame}, backend={self.backend!r}"
