@@ -16,7 +16,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "numpy"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "numpy", "matplotlib"],
         "bench": ["matplotlib", "numpy"],
         "train": ["diffusers>=0.32", "transformers>=4.46", "peft>=0.13", "einops", "tqdm", "av", "imageio"],
         "flash": ["flash-attn>=2.6"],

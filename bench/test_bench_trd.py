@@ -1,0 +1,44 @@
+"""Quick regression benchmarks (pytest-benchmark, CPU) and a smoke run of the bench_trd.py harness."""
+
+import json
+
+import pytest
+import torch
+
+import bench_trd
+from videorepa.kernels import trd_loss
+
+
+@pytest.mark.parametrize("mode", ["full", "spatial", "temporal"])
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_fwd_bwd_speed(benchmark, backend, mode):
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(1, 1024, 64, generator=gen, requires_grad=True)
+    teacher = torch.randn(1, 1024, 48, generator=gen)
+    frame = None if mode == "full" else 256
+
+    def step():
+        student.grad = None
+        loss = trd_loss(student, teacher, 0.1, mode, frame, backend=backend)
+        loss.backward()
+        return loss
+
+    loss = benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    assert loss.item() > 0 and torch.isfinite(student.grad).all()
+
+
+def test_harness_writes_checked_rows(tmp_path):
+    out, picture = tmp_path / "rows.json", tmp_path / "plot.png"
+    bench_trd.main(["--device", "cpu", "--sweep", "256", "512", "--impls", "torch", "naive", "compiled",
+                    "--modes", "full", "spatial", "--repeats", "3", "--json", str(out), "--plot", str(picture)])
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 * 2 * 3 * 2  # sizes × modes × impls × passes
+    for row in rows:
+        assert {"impl", "pass", "mode", "B", "N", "Ds", "Dt", "dtype", "ms", "ms_p20", "ms_p80", "peak_mib",
+                "tflops", "device", "torch", "commit", "date"} <= row.keys()
+        assert row["ms_p20"] <= row["ms"] <= row["ms_p80"]
+        assert row["max_rel_err"] < 1e-4
+    by_key = {(r["impl"], r["pass"], r["mode"], r["N"]): r for r in rows}
+    # The blockwise engine never holds the N×N Gram matrices that naive keeps for backward.
+    assert by_key["torch", "fwd+bwd", "full", 512]["peak_mib"] < by_key["naive", "fwd+bwd", "full", 512]["peak_mib"]
+    assert picture.stat().st_size > 0
