@@ -23,8 +23,10 @@ def inverse_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def normalization_backward(
     x: torch.Tensor, inv_norm: torch.Tensor, clamped: torch.Tensor, grad_hat: torch.Tensor
 ) -> torch.Tensor:
-    """dL/dx from dL/dx̂: r·(g − x̂(x̂·g)); where the norm was clamped, x̂ = x/eps is linear in x and it is r·g."""
+    """dL/dx from dL/dx̂ (overwriting `grad_hat`): r·(g − x̂(x̂·g)) = r·g − r³(x·g)·x; where the norm was clamped,
+    x̂ = x/eps is linear in x and it is r·g. No temporary of x's size beyond x in the accumulation dtype."""
+    x = x.to(grad_hat.dtype)
     r = inv_norm.unsqueeze(-1)
-    x_hat = x.to(r.dtype) * r
-    radial = (x_hat * grad_hat).sum(-1, keepdim=True).masked_fill_(clamped.unsqueeze(-1), 0.0)
-    return (grad_hat - x_hat * radial).mul_(r)
+    x_dot_g = (x.unsqueeze(-2) @ grad_hat.unsqueeze(-1)).squeeze(-1)  # row dot products, no (N, D) product
+    coef = (x_dot_g * r.pow(3)).masked_fill_(clamped.unsqueeze(-1), 0.0)
+    return grad_hat.mul_(r).addcmul_(x, coef, value=-1.0)
