@@ -267,32 +267,39 @@ def print_table(rows):
 
 
 def plot(rows, path):
-    """Time and memory against N for the sweep (B = 1), log-log, one line per implementation and pass."""
+    """Time and extra memory against N for the B = 1 sweep (fwd+bwd), log-log: one colour per implementation and
+    dtype, one line style per mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep_rows = [r for r in rows if r["shape"].startswith("sweep-") and r.get("ms")]
+    sweep_rows = [r for r in rows if r["shape"].startswith("sweep-") and r.get("ms") and r["pass"] == "fwd+bwd"]
+    styles = {"full": "-", "spatial": ":", "temporal": "--"}
+    series = sorted({(r["impl"], r["dtype"]) for r in sweep_rows})
+    colors = {key: f"C{i}" for i, key in enumerate(series)}
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
-    series = sorted({(r["impl"], r["pass"], r["mode"], r["dtype"]) for r in sweep_rows})
-    for key in series:
-        pts = sorted((r["N"], r["ms"], r["peak_mib"]) for r in sweep_rows if (r["impl"], r["pass"], r["mode"], r["dtype"]) == key)
-        label = " ".join(key)
-        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        mem = [p for p in pts if p[2]]
-        if mem:
-            ax_m.plot([p[0] for p in mem], [p[2] for p in mem], marker="o", label=label)
+    for (impl, dtype), color in colors.items():
+        for mode, style in styles.items():
+            pts = sorted((r["N"], r["ms"], r["peak_mib"]) for r in sweep_rows
+                         if (r["impl"], r["dtype"], r["mode"]) == (impl, dtype, mode))
+            if not pts:
+                continue
+            label = f"{impl} {dtype} {mode}"
+            ax_t.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, marker="o", label=label)
+            mem = [p for p in pts if p[2]]
+            ax_m.plot([p[0] for p in mem], [p[2] for p in mem], style, color=color, marker="o", label=label)
+    device = rows[0]["device"] if rows else ""
     for ax, title, unit in ((ax_t, "time", "ms (median)"), (ax_m, "extra memory", "MiB")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("tokens N (B = 1)")
         ax.set_ylabel(unit)
-        ax.set_title(f"TRD loss {title} — {rows[0]['device'] if rows else ''}")
+        ax.set_title(f"TRD loss fwd+bwd {title} — {device}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def parse_args(argv=None):
@@ -310,6 +317,7 @@ def parse_args(argv=None):
                    help="check against float64 only up to this N (the float64 check itself costs O(N²·D))")
     p.add_argument("--json", metavar="PATH", help="write the rows here (a list of objects)")
     p.add_argument("--plot", metavar="PATH", help="write a time/memory vs N plot (PNG) here")
+    p.add_argument("--from-json", metavar="PATH", help="measure nothing: reprint and replot the rows of an earlier run")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
@@ -321,8 +329,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = run_benchmarks(args)
-    if args.json:
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = json.load(f)
+    else:
+        rows = run_benchmarks(args)
+    if args.json and not args.from_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,0 +1,72 @@
+"""CogVideoX's training objective and the encoders that feed it, on stock diffusers components.
+
+Loss: the transformer predicts v; CogVideoXDPMScheduler.get_velocity(v, x_t, t) turns it into the x₀ estimate
+√ᾱ·x_t − √(1−ᾱ)·v, whose squared error against the clean latents is weighted by 1/(1−ᾱ_t) — the v-prediction MSE
+of the paper and of diffusers' CogVideoX finetuning script.
+"""
+
+import torch
+
+from .models import text_length
+
+
+def encode_video_distribution(vae, video: torch.Tensor) -> torch.Tensor:
+    """Pixel video (B, F, 3, H, W) in [-1, 1] -> the VAE's latent distribution parameters (B, 2C, F', H', W');
+    cached as is, so every epoch draws a fresh latent sample."""
+    dtype = next(vae.parameters()).dtype
+    return vae.encode(video.permute(0, 2, 1, 3, 4).to(dtype)).latent_dist.parameters
+
+
+def sample_latents(vae, parameters: torch.Tensor, generator=None) -> torch.Tensor:
+    """A scaled latent sample (B, F', C, H', W') from cached distribution parameters."""
+    mean, logvar = parameters.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return ((mean + std * noise) * vae.config.scaling_factor).permute(0, 2, 1, 3, 4)
+
+
+def encode_prompts(pipe, captions: list[str], device) -> torch.Tensor:
+    embeds, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False, max_sequence_length=text_length(pipe),
+                                   device=device)
+    return embeds
+
+
+def rotary_embeddings(pipe, latents: torch.Tensor):
+    """3-D rotary position embeddings for models that use them (CogVideoX-5B), else None."""
+    if not pipe.transformer.config.use_rotary_positional_embeddings:
+        return None
+    _, frames, _, h, w = latents.shape
+    scale = pipe.vae_scale_factor_spatial
+    return pipe._prepare_rotary_positional_embeddings(h * scale, w * scale, frames, latents.device)
+
+
+def diffusion_loss(transformer, scheduler, latents, prompt_embeds, rotary=None, generator=None) -> torch.Tensor:
+    b = latents.shape[0]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    noisy = scheduler.add_noise(latents, noise, t)
+    dtype = next(transformer.parameters()).dtype
+    v_pred = transformer(hidden_states=noisy.to(dtype), encoder_hidden_states=prompt_embeds.to(dtype), timestep=t,
+                         image_rotary_emb=rotary, return_dict=False)[0]
+    x0_pred = scheduler.get_velocity(v_pred.float(), noisy, t)
+    alphas = scheduler.alphas_cumprod.to(latents.device)[t]
+    weights = (1.0 / (1.0 - alphas)).view(b, 1, 1, 1, 1)
+    return (weights * (x0_pred - latents) ** 2).mean()
+
+
+class BlockOutput:
+    """Forward hook keeping the video hidden states (B, F·H·W, D) after one transformer block. It overwrites on
+    every call, so a block run twice (reentrant checkpointing) leaves the same tensor."""
+
+    def __init__(self, block: torch.nn.Module):
+        self.hidden = None
+        self.handle = block.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self.hidden = output[0]
+
+    def pop(self) -> torch.Tensor:
+        hidden, self.hidden = self.hidden, None
+        if hidden is None:
+            raise RuntimeError("the aligned transformer block did not run")
+        return hidden

@@ -1,0 +1,60 @@
+"""CogVideoX pipelines: a tiny one built in code with random weights, or a local CogVideoX directory.
+
+Everything is stock diffusers/transformers; no custom pipeline class, so whatever train.py saves loads with
+`CogVideoXPipeline.from_pretrained`.
+"""
+
+import os
+
+import torch
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """A CogVideoX pipeline small enough for a CPU: 2-block transformer, 4-level VAE of 8 channels, 1-layer T5 with
+    the byte-level ByT5 tokenizer (which needs no vocabulary files). Video 9×64×96 → latents 3×8×12 → 3×4×6 tokens."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
+        text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=32,
+    )
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+        temporal_compression_ratio=4, sample_height=64, sample_width=96,
+    )
+    tokenizer = ByT5Tokenizer()
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=tokenizer.vocab_size + 3, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+        dropout_rate=0.0,
+    ))
+    # CogVideoX-2B's scheduler settings: v-prediction on a zero-terminal-SNR schedule.
+    scheduler = CogVideoXDPMScheduler(
+        beta_schedule="scaled_linear", prediction_type="v_prediction", rescale_betas_zero_snr=True,
+        clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing", snr_shift_scale=3.0,
+    )
+    torch.random.set_rng_state(generator_state)
+    for module in (transformer, vae, text_encoder):
+        module.eval()  # fresh modules start in train mode (dropout); train.py switches on what it trains
+    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=scheduler)
+
+
+def load_pipeline(path: str, dtype: torch.dtype = torch.float32):
+    """A local CogVideoX pipeline directory (model_index.json at its root)."""
+    from diffusers import CogVideoXPipeline
+
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise ValueError(f"--model {path!r} is not a diffusers pipeline directory (no model_index.json)")
+    pipe = CogVideoXPipeline.from_pretrained(path, torch_dtype=dtype)
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        module.eval()
+    return pipe
+
+
+def text_length(pipe) -> int:
+    """Text tokens the transformer was built for (226 for CogVideoX)."""
+    return pipe.transformer.config.max_text_seq_length

@@ -1,0 +1,34 @@
+"""Named training presets: resolution, frames, where to align, head widths and learning rate.
+
+`cogvideox-2b` follows the paper's recipe (49×480×720 video, block 18, teacher at 160×240, lr 2e-6). `tiny` is the
+embedded default: models built in code with random weights, small enough to train on a CPU in minutes.
+"""
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    num_frames: int  # pixel frames fed to the VAE: 4k + 1
+    height: int
+    width: int
+    align_layer: int  # hidden states after this transformer block are aligned (0-based)
+    projector_hidden: int  # projector MLP: D_student -> hidden -> hidden -> D_teacher
+    teacher_height: int  # teacher input resolution
+    teacher_width: int
+    learning_rate: float
+    lora_learning_rate: float
+
+
+PRESETS = {
+    "tiny": Preset("tiny", 9, 64, 96, 0, 64, 32, 48, 1e-3, 1e-3),
+    "cogvideox-2b": Preset("cogvideox-2b", 49, 480, 720, 18, 2048, 160, 240, 2e-6, 1e-4),
+    "cogvideox-5b": Preset("cogvideox-5b", 49, 480, 720, 18, 2048, 160, 240, 2e-6, 1e-4),
+}
+
+
+def get_preset(name: str, **overrides) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})

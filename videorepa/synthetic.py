@@ -1,0 +1,120 @@
+"""Procedural physics clips for the embedded default: balls falling, bouncing, colliding and rolling.
+
+Each clip is simulated with simple Newtonian rules (gravity, restitution at the floor and walls, elastic
+collisions, rolling friction), rendered with anti-aliased disks, and written as mp4 with a caption that says what
+happens. Deterministic per seed. The clips go to disk as mp4 + CSV and are read back through the loader that real
+data uses.
+"""
+
+import csv
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .video_io import write_video
+
+COLORS = {"red": (220, 50, 40), "blue": (40, 90, 220), "green": (40, 170, 70), "yellow": (230, 200, 40),
+          "purple": (140, 60, 190), "orange": (240, 130, 30)}
+SCENES = ("falling", "bouncing", "colliding", "rolling")
+GRAVITY = 900.0  # pixels / s² at the rendered scale
+FLOOR = 0.85  # floor height as a fraction of the frame
+
+
+@dataclass
+class Ball:
+    x: float
+    y: float
+    vx: float
+    vy: float
+    radius: float
+    color: str
+
+
+def _step(balls, dt, height, width, gravity, restitution, friction):
+    floor = FLOOR * height
+    for b in balls:
+        b.vy += gravity * dt
+        b.x += b.vx * dt
+        b.y += b.vy * dt
+        if b.y + b.radius > floor:  # bounce off the floor, losing energy
+            b.y = floor - b.radius
+            b.vy = -b.vy * restitution if abs(b.vy) > 30 else 0.0
+            b.vx *= 1.0 - friction
+        for wall, sign in ((b.radius, 1), (width - b.radius, -1)):
+            if sign * (b.x - wall) < 0:
+                b.x, b.vx = wall, -b.vx * restitution
+    for i in range(len(balls)):  # equal-mass elastic collisions: exchange the velocity along the contact normal
+        for j in range(i + 1, len(balls)):
+            a, c = balls[i], balls[j]
+            d = np.array([c.x - a.x, c.y - a.y])
+            dist = float(np.linalg.norm(d))
+            if 0 < dist < a.radius + c.radius:
+                n = d / dist
+                rel = (a.vx - c.vx) * n[0] + (a.vy - c.vy) * n[1]
+                if rel > 0:
+                    a.vx, a.vy = a.vx - rel * n[0], a.vy - rel * n[1]
+                    c.vx, c.vy = c.vx + rel * n[0], c.vy + rel * n[1]
+
+
+def _render(balls, height, width):
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    sky = np.linspace(235, 180, height, dtype=np.float32)[:, None, None] * np.ones((1, width, 3), np.float32)
+    frame = sky * np.array([0.85, 0.92, 1.0], np.float32)
+    frame[int(FLOOR * height):] = (110, 95, 80)
+    for b in balls:
+        coverage = np.clip(b.radius + 0.5 - np.hypot(xx - b.x, yy - b.y), 0.0, 1.0)[..., None]
+        shade = 1.0 - 0.35 * np.clip((yy - b.y + xx - b.x) / (2 * b.radius), 0, 1)[..., None]  # lit from top-left
+        frame = frame * (1 - coverage) + coverage * np.array(COLORS[b.color], np.float32) * shade
+    return np.clip(frame, 0, 255).astype(np.uint8)
+
+
+def make_clip(seed: int, num_frames: int = 17, height: int = 96, width: int = 128, fps: int = 8):
+    """(frames uint8 (F, H, W, 3), caption) for one deterministic scene."""
+    rng = np.random.default_rng(seed)
+    scene = SCENES[seed % len(SCENES)]
+    colors = rng.choice(list(COLORS), size=2, replace=False)
+    r = float(rng.uniform(0.07, 0.1) * height)
+    floor = FLOOR * height
+    gravity, restitution, friction = GRAVITY * height / 96, 0.7, 0.02
+    if scene == "falling":
+        balls = [Ball(rng.uniform(0.3, 0.7) * width, r + 2, 0.0, 0.0, r, colors[0])]
+        caption = f"A {colors[0]} ball is dropped from rest, falls faster and faster under gravity and bounces on the floor."
+    elif scene == "bouncing":
+        vx = float(rng.choice([-1, 1]) * rng.uniform(60, 120))
+        balls = [Ball(width / 2, floor - r - rng.uniform(0.3, 0.5) * height, vx, -200.0, r, colors[0])]
+        caption = f"A {colors[0]} ball is thrown sideways and bounces along the floor, each bounce lower than the last."
+    elif scene == "colliding":
+        y = floor - r
+        balls = [Ball(r + 4, y, rng.uniform(120, 180), 0.0, r, colors[0]),
+                 Ball(width - r - 4, y, -rng.uniform(120, 180), 0.0, r, colors[1])]
+        caption = f"A {colors[0]} ball and a {colors[1]} ball roll toward each other, collide and bounce apart."
+    else:
+        balls = [Ball(r + 4, floor - r, rng.uniform(150, 250), 0.0, r, colors[0])]
+        friction = 0.08
+        caption = f"A {colors[0]} ball rolls along the floor and slows down because of friction."
+    substeps = 8
+    frames = []
+    for _ in range(num_frames):
+        frames.append(_render(balls, height, width))
+        for _ in range(substeps):
+            _step(balls, 1.0 / (fps * substeps), height, width, gravity, restitution, friction / substeps)
+    return np.stack(frames), caption
+
+
+def write_dataset(folder: str, num_clips: int = 16, seed: int = 0, **clip_args) -> str:
+    """Write `num_clips` mp4 clips and `captions.csv` (columns video,caption; paths relative to the CSV)."""
+    os.makedirs(os.path.join(folder, "videos"), exist_ok=True)
+    csv_path = os.path.join(folder, "captions.csv")
+    rows = []
+    for i in range(num_clips):
+        frames, caption = make_clip(seed + i, **clip_args)
+        name = os.path.join("videos", f"clip_{seed + i:05d}.mp4")
+        write_video(os.path.join(folder, name), frames, fps=clip_args.get("fps", 8))
+        rows.append({"video": name, "caption": caption})
+    with open(csv_path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["video", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(csv_path + ".tmp", csv_path)
+    return csv_path
