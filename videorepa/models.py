@@ -20,7 +20,7 @@ def build_tiny_pipeline(seed: int = 0):
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
         text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=32,
+        temporal_compression_ratio=4, max_text_seq_length=128,
     )
     vae = AutoencoderKLCogVideoX(
         block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,

@@ -74,7 +74,7 @@ def make_clip(seed: int, num_frames: int = 17, height: int = 96, width: int = 12
     rng = np.random.default_rng(seed)
     scene = SCENES[seed % len(SCENES)]
     colors = rng.choice(list(COLORS), size=2, replace=False)
-    r = float(rng.uniform(0.07, 0.1) * height)
+    r = float(rng.uniform(0.09, 0.13) * height)
     floor = FLOOR * height
     gravity, restitution, friction = GRAVITY * height / 96, 0.7, 0.02
     if scene == "falling":

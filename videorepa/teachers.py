@@ -110,6 +110,11 @@ _VIDEOMAEV2_RENAMES = [
 _VIDEOMAEV2_DROPPED = re.compile(r"^(norm|fc_norm|head)\.|^pos_embed$")  # final norm/head: unused; positions: fixed
 
 
+def default_heads(hidden: int) -> int:
+    """Head count, which weights do not reveal: 64-wide heads (ViT-S/B/L) except ViT-g (1408 = 16 × 88)."""
+    return 16 if hidden == 1408 else max(1, hidden // 64)
+
+
 def convert_videomaev2_state_dict(state: dict, num_heads: int | None = None):
     """(VideoMAEConfig, state dict for VideoMAEModel) from an official VideoMAEv2 checkpoint's state dict."""
     from transformers import VideoMAEConfig
@@ -140,7 +145,7 @@ def convert_videomaev2_state_dict(state: dict, num_heads: int | None = None):
         converted[new] = value
     config = VideoMAEConfig(
         image_size=224, patch_size=patch, num_frames=16, tubelet_size=tubelet, hidden_size=hidden,
-        num_hidden_layers=layers, num_attention_heads=num_heads or (16 if hidden == 1408 else hidden // 64),
+        num_hidden_layers=layers, num_attention_heads=num_heads or default_heads(hidden),
         intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0], qkv_bias="blocks.0.attn.q_bias" in state,
         use_mean_pooling=True,
     )

@@ -1,0 +1,219 @@
+"""The pieces train.py is built from: teachers, token alignment, attention routing, data and synthetic clips."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+from videorepa.alignment import TokenAligner  # noqa: E402
+from videorepa.attention import attention_kernel, resolve_attention  # noqa: E402
+from videorepa.data import BatchOrder, VideoCaptionDataset, sample_frames  # noqa: E402
+from videorepa.synthetic import make_clip, write_dataset  # noqa: E402
+from videorepa.teachers import convert_videomaev2_state_dict, fit_position_table, load_teacher  # noqa: E402
+from videorepa.video_io import read_video, write_video  # noqa: E402
+
+
+def official_videomaev2_state(hidden=32, layers=2, tubelet=2, patch=16, mlp=64, seed=0):
+    """A state dict with the official VideoMAEv2 checkpoint's key names (timm-style ViT, q_bias/v_bias)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    state = {"patch_embed.proj.weight": r(hidden, 3, tubelet, patch, patch), "patch_embed.proj.bias": r(hidden),
+             "fc_norm.weight": r(hidden), "fc_norm.bias": r(hidden), "head.weight": r(710, hidden),
+             "head.bias": r(710)}
+    for i in range(layers):
+        b = f"blocks.{i}."
+        state.update({
+            b + "norm1.weight": r(hidden), b + "norm1.bias": r(hidden),
+            b + "attn.qkv.weight": r(3 * hidden, hidden), b + "attn.q_bias": r(hidden), b + "attn.v_bias": r(hidden),
+            b + "attn.proj.weight": r(hidden, hidden), b + "attn.proj.bias": r(hidden),
+            b + "norm2.weight": r(hidden), b + "norm2.bias": r(hidden),
+            b + "mlp.fc1.weight": r(mlp, hidden), b + "mlp.fc1.bias": r(mlp),
+            b + "mlp.fc2.weight": r(hidden, mlp), b + "mlp.fc2.bias": r(hidden),
+        })
+    return {"module": state}
+
+
+def reference_vit_block(x, state, i, heads):
+    """One pre-norm ViT block written from the official layout: qkv with q/v biases, no k bias."""
+    b = f"blocks.{i}."
+    d = x.shape[-1]
+    h = F.layer_norm(x, (d,), state[b + "norm1.weight"], state[b + "norm1.bias"], eps=1e-12)
+    bias = torch.cat([state[b + "attn.q_bias"], torch.zeros(d), state[b + "attn.v_bias"]])
+    q, k, v = F.linear(h, state[b + "attn.qkv.weight"], bias).chunk(3, dim=-1)
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+    a = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+    x = x + F.linear(a, state[b + "attn.proj.weight"], state[b + "attn.proj.bias"])
+    h = F.layer_norm(x, (d,), state[b + "norm2.weight"], state[b + "norm2.bias"], eps=1e-12)
+    h = F.linear(F.gelu(F.linear(h, state[b + "mlp.fc1.weight"], state[b + "mlp.fc1.bias"])),
+                 state[b + "mlp.fc2.weight"], state[b + "mlp.fc2.bias"])
+    return x + h
+
+
+def test_videomaev2_conversion_reproduces_the_official_vit(tmp_path):
+    wrapped = official_videomaev2_state()
+    state = wrapped["module"]
+    config, converted = convert_videomaev2_state_dict(wrapped)
+    assert (config.hidden_size, config.num_hidden_layers, config.patch_size, config.tubelet_size) == (32, 2, 16, 2)
+    torch.save(wrapped, tmp_path / "vit.pth")
+    teacher = load_teacher("videomaev2", str(tmp_path / "vit.pth"), 32, 48, 9)
+    video = torch.rand(1, 9, 3, 64, 96) * 2 - 1
+    tokens = teacher(video)
+    assert tokens.shape == (1, 4, 2, 3, 32)
+    # The same computation from the official weights by hand: patch embedding, fitted positions, two blocks.
+    pixels = teacher.preprocess(video).permute(0, 2, 1, 3, 4)
+    x = F.conv3d(pixels, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=(2, 16, 16))
+    x = x.flatten(2).transpose(1, 2) + teacher.model.embeddings.position_embeddings
+    for i in range(2):
+        x = reference_vit_block(x, state, i, heads=config.num_attention_heads)
+    torch.testing.assert_close(tokens.reshape(1, -1, 32), x, atol=1e-4, rtol=1e-4)
+
+
+def test_videomaev2_conversion_rejects_other_checkpoints():
+    with pytest.raises(ValueError, match="not a VideoMAEv2 checkpoint"):
+        convert_videomaev2_state_dict({"model": {"weight": torch.zeros(1)}})
+
+
+def test_position_table_fit_keeps_same_grid_and_interpolates_new_ones():
+    from transformers import VideoMAEConfig, VideoMAEModel
+
+    model = VideoMAEModel(VideoMAEConfig(image_size=64, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=8,
+                                         num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
+    table = model.embeddings.position_embeddings.clone()  # grid (2, 4, 4)
+    fit_position_table(model, 4, 64, 64)
+    assert torch.equal(model.embeddings.position_embeddings, table)
+    fit_position_table(model, 8, 32, 48)  # grid (4, 2, 3)
+    fitted = model.embeddings.position_embeddings
+    assert fitted.shape == (1, 4 * 2 * 3, 8)
+    # Linear-in-time resampling of 2 frames to 4: the mean over time is preserved per position.
+    src = table.reshape(2, 4, 4, 8).permute(0, 3, 1, 2)
+    space = F.interpolate(src, size=(2, 3), mode="bicubic", align_corners=False)  # (2, 8, 2, 3)
+    torch.testing.assert_close(fitted.reshape(4, 2, 3, 8).mean(0), space.mean(0).permute(1, 2, 0))
+    model(torch.randn(1, 8, 3, 32, 48))  # and the model accepts the new input size
+
+
+def test_token_alignment_paper_and_full_grid_shapes():
+    # CogVideoX-2B at 49×480×720: student grid 13×30×45; teacher 24×10×15 (48 frames at 160×240).
+    aligner = TokenAligner(16, 8, 12, (13, 30, 45), (24, 10, 15), "teacher")
+    hidden, teacher = torch.randn(1, 13 * 30 * 45, 16), torch.randn(1, 24, 10, 15, 8)
+    student, target = aligner(hidden, teacher)
+    assert student.shape == target.shape == (1, 3600, 8) and aligner.tokens_per_frame == 150
+    assert aligner.spatial.kernel_size == (3, 3)
+    full = TokenAligner(16, 8, 12, (13, 30, 45), (24, 10, 15), "student")
+    student, target = full(hidden, teacher)
+    assert student.shape == target.shape == (1, 32400, 8) and full.tokens_per_frame == 1350
+    with pytest.raises(ValueError, match="integer multiple"):
+        TokenAligner(16, 8, 12, (13, 30, 44), (24, 10, 15), "teacher")
+
+
+def test_alignment_drops_the_first_latent_frame():
+    aligner = TokenAligner(4, 4, 8, (3, 2, 2), (2, 2, 2), "student")
+    hidden = torch.zeros(1, 3 * 4, 4)
+    hidden[:, :4] = 1e3  # only the first latent frame is loud
+    student, _ = aligner(hidden, torch.randn(1, 2, 2, 2, 4))
+    hidden[:, :4] = 0
+    quiet, _ = aligner(hidden, torch.randn(1, 2, 2, 2, 4))
+    torch.testing.assert_close(student, quiet)
+
+
+def record_ops(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        fn()
+    return seen
+
+
+def cogvideox_forward():
+    from videorepa.models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    latents, text = torch.randn(1, 3, 4, 8, 12), torch.randn(1, 128, 32)
+    return lambda: pipe.transformer(hidden_states=latents, encoder_hidden_states=text, timestep=torch.tensor([10]))
+
+
+def test_sdpa_flash_runs_the_flash_kernel():
+    forward = cogvideox_forward()
+    with attention_kernel("sdpa-flash"):
+        ops = record_ops(forward)
+    assert "aten._scaled_dot_product_flash_attention_for_cpu" in ops
+    with attention_kernel("sdpa"), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        ops = record_ops(forward)
+    assert "aten._scaled_dot_product_flash_attention_for_cpu" not in ops
+
+
+def test_flash_attn_route_calls_flash_attn_with_its_layout():
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def fake_flash_attn_func(q, k, v, softmax_scale=None, causal=False):
+        calls.append(q.shape)
+        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+
+    forward = cogvideox_forward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = forward()[0]
+        with attention_kernel("flash-attn", flash_attn_func=fake_flash_attn_func):
+            got = forward()[0]
+    assert len(calls) == 2 and calls[0][1:] == (128 + 3 * 4 * 6, 2, 16)  # (B, L, heads, head_dim), both blocks
+    torch.testing.assert_close(got, expected)
+    assert F.scaled_dot_product_attention is sdpa  # restored
+
+
+def test_attention_choice():
+    assert resolve_attention("auto", torch.device("cpu"), torch.float32) == "sdpa"
+    assert resolve_attention("sdpa-flash", torch.device("cpu"), torch.float32) == "sdpa-flash"
+    with pytest.raises(ValueError, match="--attention must be one of"):
+        resolve_attention("xformers", torch.device("cpu"), torch.float32)
+
+
+def test_synthetic_clips_are_deterministic_per_seed():
+    a, caption = make_clip(5)
+    b, _ = make_clip(5)
+    c, _ = make_clip(6)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert a.shape == (17, 96, 128, 3) and a.dtype == np.uint8 and "ball" in caption
+    assert np.abs(np.diff(a.astype(int), axis=0)).sum() > 0  # something moves
+
+
+def test_video_round_trip_and_loader(tmp_path):
+    frames, _ = make_clip(1)
+    write_video(str(tmp_path / "clip.mp4"), frames)
+    back = read_video(str(tmp_path / "clip.mp4"))
+    assert back.shape == frames.shape and np.abs(back.astype(int) - frames).mean() < 3  # H.264, near-lossless
+    csv_path = write_dataset(str(tmp_path / "set"), num_clips=3, seed=2)
+    data = VideoCaptionDataset(csv_path, 9, 64, 96)
+    item = data[0]
+    assert item["video"].shape == (9, 3, 64, 96) and -1 <= item["video"].min() and item["video"].max() <= 1
+    assert os.path.isabs(data.rows[0][0])
+
+
+def test_sample_frames_crops_to_aspect_and_rejects_short_clips():
+    frames = np.zeros((20, 100, 100, 3), np.uint8)
+    frames[:, 40:60] = 255  # a bright band in the middle rows, kept by the 2:3 center crop
+    video = sample_frames(frames, 5, 32, 48)
+    assert video.shape == (5, 3, 32, 48) and video.max() == 1.0
+    with pytest.raises(Exception, match="fewer than the 21 needed"):
+        sample_frames(frames, 21, 32, 48)
+
+
+def test_batch_order_resumes_exactly():
+    order = BatchOrder(10, 3, seed=1)
+    stream = iter(order)
+    first = [next(stream) for _ in range(6)]
+    resumed = BatchOrder(10, 3, seed=1)
+    resumed.position = (first[2][0][1], first[2][0][2])
+    assert [next(iter_) for iter_ in [iter(resumed)] for _ in range(3)] == first[3:]
+    ranks = [next(iter(BatchOrder(10, 3, seed=1, rank=r, world=2))) for r in (0, 1)]
+    assert not {i for i, *_ in ranks[0]} & {i for i, *_ in ranks[1]}

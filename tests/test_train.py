@@ -1,0 +1,162 @@
+"""train.py end to end on CPU with the tiny models: align losses, LoRA and full, resume, outputs, bad data, DDP."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from safetensors.torch import load_file  # noqa: E402
+
+import train  # noqa: E402
+from videorepa.synthetic import write_dataset  # noqa: E402
+from videorepa.video_io import write_video  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Eight synthetic clips shared by the tests (rendering is the slow part of a tiny run)."""
+    return write_dataset(str(tmp_path_factory.mktemp("data")), num_clips=8, seed=3)
+
+
+def run_train(out, *extra, data=None):
+    args = ["--output-dir", str(out), "--batch-size", "2", *extra]
+    if data:
+        args += ["--data", data]
+    return train.main(args)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("align_loss", ["trd", "repa", "none"])
+def test_a_few_steps_with_each_align_loss(tmp_path, clips, align_loss):
+    run_train(tmp_path, "--max-steps", "3", "--align-loss", align_loss, data=clips)
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert {"loss", "loss_diffusion", "loss_trd", "lr", "seconds"} <= r.keys()
+        assert np.isfinite(r["loss"]) and r["loss_diffusion"] > 0
+        assert (r["loss_align"] > 0) == (align_loss != "none")
+        assert (r["loss_trd"] is not None) == (align_loss == "trd")
+    assert os.path.isfile(tmp_path / "final" / "model_index.json")
+    assert os.path.isfile(tmp_path / "alignment-heads.pt")
+
+
+def test_trd_loss_falls_on_synthetic_data(tmp_path, clips):
+    run_train(tmp_path, "--max-steps", "80", "--checkpoint-every", "80", data=clips)
+    trd = [r["loss_trd"] for r in metrics(tmp_path)]
+    assert np.mean(trd[-20:]) < 0.7 * np.mean(trd[:10])
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, clips):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_train(straight, "--max-steps", "6", "--checkpoint-every", "3", data=clips)
+    run_train(resumed, "--max-steps", "3", "--checkpoint-every", "3", data=clips)
+    shutil.rmtree(resumed / "final")
+    run_train(resumed, "--max-steps", "6", "--checkpoint-every", "3", "--resume", "latest", data=clips)
+    a = load_file(straight / "checkpoint-6" / "trainable.safetensors")
+    b = load_file(resumed / "checkpoint-6" / "trainable.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(resumed)]
+
+
+def test_checkpoints_keep_the_newest(tmp_path, clips):
+    run_train(tmp_path, "--max-steps", "4", "--checkpoint-every", "1", "--checkpoints-total-limit", "2", data=clips)
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-4"]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_full_finetune_final_loads_in_stock_diffusers(tmp_path, clips):
+    from diffusers import CogVideoXPipeline
+
+    run_train(tmp_path, "--max-steps", "2", data=clips)
+    pipe = CogVideoXPipeline.from_pretrained(tmp_path / "final")
+    trained = load_file(tmp_path / "checkpoint-2" / "trainable.safetensors")
+    loaded = {f"transformer.{k}": v for k, v in pipe.transformer.state_dict().items()}
+    for key, value in trained.items():
+        if key.startswith("transformer."):
+            assert torch.equal(loaded[key], value), key
+
+
+def test_lora_final_loads_onto_its_base(tmp_path, clips):
+    from diffusers import CogVideoXPipeline
+
+    run_train(tmp_path, "--max-steps", "2", "--lora-rank", "4", data=clips)
+    trained = load_file(tmp_path / "checkpoint-2" / "trainable.safetensors")
+    assert trained and all("lora" in k or k.startswith("aligner.") for k in trained)
+    with open(tmp_path / "final" / "videorepa.json") as f:
+        info = json.load(f)
+    pipe = CogVideoXPipeline.from_pretrained(info["base_model"])
+    pipe.load_lora_weights(tmp_path / "final")
+    state = pipe.transformer.state_dict()
+    lora_b = [k for k in trained if k.startswith("transformer.") and "lora_B" in k]
+    assert lora_b
+    for key in lora_b:  # B starts at zero, so a trained B differs from zero and arrives exactly
+        name = key[len("transformer."):].replace(".default.", ".default_0.")
+        assert torch.equal(state[name], trained[key]) and trained[key].abs().sum() > 0
+
+
+def test_bad_videos_are_skipped_and_counted(tmp_path, clips):
+    folder = tmp_path / "mixed"
+    shutil.copytree(os.path.dirname(clips), folder)
+    (folder / "videos" / "corrupt.mp4").write_bytes(os.urandom(2048))
+    write_video(str(folder / "videos" / "short.mp4"), np.zeros((3, 64, 96, 3), np.uint8))
+    with open(folder / "captions.csv", "a") as f:
+        f.write("videos/missing.mp4,gone\nvideos/corrupt.mp4,noise\nvideos/short.mp4,three frames\n")
+    run_train(tmp_path / "out", "--max-steps", "12", "--batch-size", "4", data=str(folder / "captions.csv"))
+    assert metrics(tmp_path / "out")[-1]["skipped"] == 3
+
+
+def test_no_usable_video_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    (tmp_path / "data.csv").write_text("video,caption\nbad.mp4,x\nmissing.mp4,y\n")
+    with pytest.raises(RuntimeError, match="no usable clip left: all 2 were skipped"):
+        run_train(tmp_path / "out", "--max-steps", "2", data=str(tmp_path / "data.csv"))
+
+
+def test_feature_cache_is_filled_once_and_reused(tmp_path, clips):
+    cache = tmp_path / "cache"
+    run_train(tmp_path / "a", "--max-steps", "2", "--cache-dir", str(cache), data=clips)
+    entries = sorted(str(p) for p in cache.rglob("*.pt"))
+    assert len(entries) == 8
+    stamps = [os.stat(p).st_mtime_ns for p in entries]
+    run_train(tmp_path / "b", "--max-steps", "2", "--cache-dir", str(cache), data=clips)
+    assert [os.stat(p).st_mtime_ns for p in entries] == stamps  # reused, not rewritten
+    assert metrics(tmp_path / "b")[-1]["skipped"] == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "cogvideox-2b"], "needs --model"),
+    (["--num-frames", "10"], "4k \\+ 1"),
+    (["--height", "70"], "multiples of 16"),
+    (["--teacher", "videomae"], "needs --teacher-path"),
+    (["--max-steps", "0"], "--max-steps must be >= 1"),
+    (["--data", "/nonexistent.csv"], "no such file"),
+])
+def test_bad_arguments_fail_fast(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_torchrun_two_cpu_processes(tmp_path, clips):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+           os.path.join(REPO, "train.py"), "--output-dir", str(tmp_path), "--max-steps", "3", "--data", clips]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
+    assert os.path.isfile(tmp_path / "final" / "model_index.json")

@@ -1,0 +1,427 @@
+"""VideoREPA finetuning of CogVideoX with the fused Token Relation Distillation loss.
+
+    python train.py                                   # embedded default: tiny models, synthetic physics clips, CPU
+    python train.py --preset cogvideox-2b --model /models/CogVideoX-2b --teacher videomaev2 \\
+        --teacher-path /models/vit_b_k710_dl_from_giant.pth --data /data/openvid.csv --cache-dir /cache
+    torchrun --nproc_per_node 8 train.py ...          # DDP from torchrun's environment
+
+Loss = v-prediction MSE weighted 1/(1 − ᾱ_t) + trd_weight × TRD(projected DiT tokens at --align-layer, teacher
+tokens). Writes OUT/metrics.jsonl (one row per optimizer step), OUT/checkpoint-STEP/ (atomic, last K kept,
+--resume latest) and OUT/final/ (a stock diffusers pipeline, or LoRA weights + base path), with the alignment
+heads beside it in OUT/alignment-heads.pt.
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+
+from videorepa.alignment import GRIDS, TokenAligner
+from videorepa.attention import ATTENTION, attention_kernel, resolve_attention
+from videorepa.checkpoint import latest_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from videorepa.data import BatchOrder, PositionedDataset, VideoCaptionDataset, collate, read_captions
+from videorepa.kernels import BACKENDS, MODES
+from videorepa.presets import PRESETS, get_preset
+from videorepa.teachers import TEACHERS
+from videorepa.training import ALIGN_LOSSES
+
+log = logging.getLogger("train")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="resolution, frames, align layer, head widths and lr defaults (default: tiny)")
+    g.add_argument("--model", help="local CogVideoX pipeline directory (default for --preset tiny: built in code)")
+    g.add_argument("--teacher", choices=TEACHERS, help="video encoder to distil from (default: tiny for --preset "
+                   "tiny, else videomaev2)")
+    g.add_argument("--teacher-path", help="VideoMAEv2 .pth file, or a transformers directory for videomae/vjepa2")
+    g.add_argument("--data", help="CSV with columns video,caption (default: synthetic physics clips written to "
+                   "OUTPUT/synthetic-data)")
+    g.add_argument("--cache-dir", help="precompute latents, text embeddings and teacher tokens here once and train "
+                   "from the cache")
+    g.add_argument("--num-frames", type=int, help="override the preset's frame count (4k + 1)")
+    g.add_argument("--height", type=int, help="override the preset's height (multiple of 16)")
+    g.add_argument("--width", type=int, help="override the preset's width (multiple of 16)")
+    g = p.add_argument_group("alignment")
+    g.add_argument("--align-loss", choices=ALIGN_LOSSES, default="trd", help="trd (VideoREPA), repa (cosine "
+                   "baseline) or none (plain finetuning)")
+    g.add_argument("--align-layer", type=int, help="transformer block whose output is aligned (0-based)")
+    g.add_argument("--relation-grid", choices=GRIDS, default="teacher", help="teacher: the paper's token matching; "
+                   "student: teacher resampled to the student's full grid")
+    g.add_argument("--trd-weight", type=float, default=0.5)
+    g.add_argument("--margin", type=float, default=0.1)
+    g.add_argument("--trd-mode", choices=MODES, default="full")
+    g.add_argument("--trd-backend", choices=BACKENDS, default="auto")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full finetune)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: the rank)")
+    g.add_argument("--learning-rate", type=float, help="default: the preset's")
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--batch-size", type=int, default=2, help="clips per process per micro-batch")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    g.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default="auto",
+                   help="auto: bf16 autocast on CUDA, float32 on CPU")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--attention", choices=ATTENTION, default="auto")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output-dir", default="runs/tiny", help="default: runs/tiny")
+    g.add_argument("--checkpoint-every", type=int, default=100)
+    g.add_argument("--checkpoints-total-limit", type=int, default=2, help="keep this many newest checkpoints")
+    g.add_argument("--resume", help="'latest' or a checkpoint folder")
+    g.add_argument("--validation-every", type=int, default=0, help="write validation videos every K steps (0: off)")
+    g.add_argument("--validation-prompt", action="append", help="prompt for validation videos (repeatable)")
+    g.add_argument("--validation-steps", type=int, default=50, help="denoising steps for validation videos")
+    g.add_argument("--tensorboard", action="store_true", help="also log scalars to OUTPUT/tensorboard")
+    args = p.parse_args(argv)
+
+    def fail(message):
+        p.error(message)
+
+    if args.preset != "tiny" and not args.model:
+        fail(f"--preset {args.preset} needs --model PATH (a local CogVideoX pipeline directory)")
+    args.teacher = args.teacher or ("tiny" if args.preset == "tiny" else "videomaev2")
+    if args.teacher != "tiny" and not args.teacher_path:
+        fail(f"--teacher {args.teacher} needs --teacher-path")
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lora_rank < 0 or args.margin < 0 or args.trd_weight < 0 or args.warmup_steps < 0:
+        fail("--lora-rank, --margin, --trd-weight and --warmup-steps must be >= 0")
+    args.preset_config = get_preset(args.preset, num_frames=args.num_frames, height=args.height, width=args.width,
+                                    align_layer=args.align_layer)
+    cfg = args.preset_config
+    if (cfg.num_frames - 1) % 4 or cfg.num_frames < 5:
+        fail(f"--num-frames must be 4k + 1 and at least 5 (CogVideoX's VAE), got {cfg.num_frames}")
+    if cfg.height % 16 or cfg.width % 16:
+        fail(f"--height and --width must be multiples of 16, got {cfg.height}×{cfg.width}")
+    if args.data and not os.path.isfile(args.data):
+        fail(f"--data {args.data!r}: no such file")
+    if args.resume and args.resume != "latest" and not os.path.isdir(args.resume):
+        fail(f"--resume must be 'latest' or a checkpoint folder, got {args.resume!r}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+
+
+def setup_distributed():
+    """(rank, world size, device) from torchrun's environment; a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return int(os.environ.get("RANK", "0")), world, device
+
+
+def barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def load_models(args, device):
+    from videorepa.models import build_tiny_pipeline, load_pipeline
+    from videorepa.teachers import load_teacher
+
+    cfg = args.preset_config
+    pipe = build_tiny_pipeline(args.seed) if args.model is None else load_pipeline(args.model)
+    teacher = load_teacher(args.teacher, args.teacher_path, cfg.teacher_height, cfg.teacher_width, cfg.num_frames)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    pipe.to(device)
+    return pipe, teacher.to(device)
+
+
+def prepare_transformer(args, transformer):
+    """LoRA adapters (base frozen) or the whole transformer trainable."""
+    if args.lora_rank:
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
+                                           init_lora_weights=True,
+                                           target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    else:
+        transformer.requires_grad_(True)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+
+
+def grids(pipe, teacher, cfg):
+    vae_t, vae_s = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+    patch = pipe.transformer.config.patch_size
+    student = ((cfg.num_frames - 1) // vae_t + 1, cfg.height // vae_s // patch, cfg.width // vae_s // patch)
+    return student, teacher.grid(cfg.num_frames)
+
+
+def build_dataset(args, rank, world, pipe, teacher, device):
+    """The training dataset: decoded videos, or the feature cache (filled first, shared out across ranks)."""
+    cfg = args.preset_config
+    if not args.data:
+        args.data = os.path.join(args.output_dir, "synthetic-data", "captions.csv")
+        if rank == 0 and not os.path.exists(args.data):
+            from videorepa.synthetic import write_dataset
+
+            log.info("writing synthetic physics clips to %s", os.path.dirname(args.data))
+            write_dataset(os.path.dirname(args.data), num_clips=32, seed=args.seed)
+        barrier(world)
+    videos = VideoCaptionDataset(args.data, cfg.num_frames, cfg.height, cfg.width)
+    if not args.cache_dir:
+        return videos
+    from videorepa.feature_cache import CachedDataset, FeatureCache
+
+    cache = FeatureCache(args.cache_dir, {
+        "model": os.path.abspath(args.model) if args.model else f"tiny-{args.seed}", "teacher": args.teacher,
+        "teacher_path": os.path.abspath(args.teacher_path) if args.teacher_path else None,
+        "frames": cfg.num_frames, "height": cfg.height, "width": cfg.width,
+        "teacher_size": [cfg.teacher_height, cfg.teacher_width],
+    })
+    todo = [i for i in range(rank, len(videos), world) if cache.load(cache.key(*videos.rows[i])) is None]
+    from tqdm import tqdm
+
+    for i in tqdm(todo, desc="caching features", disable=rank != 0 or not todo):
+        item = videos[i]
+        key = cache.key(*videos.rows[i])
+        if "error" in item:
+            cache.store_error(key, item["error"])
+            continue
+        latent_dist, embeds, teacher_tokens = encode_inputs(pipe, teacher, item["video"][None].to(device),
+                                                            [item["caption"]], device)
+        cache.store(key, {"latent_dist": latent_dist[0], "prompt_embeds": embeds[0], "teacher": teacher_tokens[0]})
+    barrier(world)
+    return CachedDataset(cache, videos.rows)
+
+
+@torch.no_grad()
+def encode_inputs(pipe, teacher, video, captions, device):
+    from videorepa.diffusion import encode_prompts, encode_video_distribution
+
+    return encode_video_distribution(pipe.vae, video), encode_prompts(pipe, captions, device), teacher(video)
+
+
+# ---------------------------------------------------------------------------------------------------- state
+
+
+def trainable_state(model) -> dict:
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def write_checkpoint(folder, model, optimizer, lr_schedule, step, position, generator, skipped):
+    from safetensors.torch import save_file
+
+    save_file({k: v.cpu() for k, v in trainable_state(model).items()}, os.path.join(folder, "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(), "step": step,
+                "position": position, "generator": generator.get_state(), "rng": rng_states(), "skipped": skipped},
+               os.path.join(folder, "training_state.pt"))
+
+
+def read_checkpoint(folder, model, optimizer, lr_schedule, generator):
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(folder, "trainable.safetensors"))
+    expected = trainable_state(model).keys()
+    if weights.keys() != expected:
+        raise ValueError(f"checkpoint {folder} does not match this model's trainable parameters "
+                         f"(LoRA rank, preset or align loss changed?)")
+    model.load_state_dict(weights, strict=False)
+    state = torch.load(os.path.join(folder, "training_state.pt"), map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    generator.set_state(state["generator"])
+    restore_rng_states(state["rng"])
+    return state["step"], tuple(state["position"]), state["skipped"]
+
+
+def base_model_dir(args) -> str:
+    """Where a LoRA run on the in-code tiny base keeps that base, so the adapters have something to load onto."""
+    return os.path.join(args.output_dir, "base-model")
+
+
+def save_final(args, pipe, model):
+    """OUT/final: a stock-loadable pipeline (full) or LoRA weights + the base path; heads beside it."""
+    from diffusers import CogVideoXPipeline
+
+    final = os.path.join(args.output_dir, "final")
+    transformer = model.transformer
+    if args.lora_rank:
+        from peft.utils import get_peft_model_state_dict
+
+        base = args.model or base_model_dir(args)
+        CogVideoXPipeline.save_lora_weights(final, transformer_lora_layers=get_peft_model_state_dict(transformer))
+        with open(os.path.join(final, "videorepa.json"), "w") as f:
+            json.dump({"base_model": os.path.abspath(base), "lora_rank": args.lora_rank}, f, indent=1)
+    else:
+        pipe.save_pretrained(final)
+    torch.save(model.aligner.state_dict(), os.path.join(args.output_dir, "alignment-heads.pt"))
+    return final
+
+
+def write_validation_videos(args, pipe, step, device):
+    from videorepa.video_io import write_video
+
+    cfg = args.preset_config
+    folder = os.path.join(args.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    pipe.transformer.eval()
+    for i, prompt in enumerate(args.validation_prompt or ["A red ball falls and bounces on the floor."]):
+        frames = pipe(prompt, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width,
+                      num_inference_steps=args.validation_steps, output_type="np",
+                      generator=torch.Generator().manual_seed(args.seed)).frames[0]
+        write_video(os.path.join(folder, f"step-{step:06d}-{i}.mp4"), (frames * 255).round().astype("uint8"))
+    pipe.transformer.train()
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed + rank)
+    cfg = args.preset_config
+    os.makedirs(args.output_dir, exist_ok=True)
+    autocast_dtype = torch.bfloat16 if args.mixed_precision == "bf16" or (
+        args.mixed_precision == "auto" and device.type == "cuda") else None
+    attention = resolve_attention(args.attention, device, autocast_dtype or torch.float32)
+
+    pipe, teacher = load_models(args, device)
+    dataset = build_dataset(args, rank, world, pipe, teacher, device)
+    if args.lora_rank and args.model is None and rank == 0 and not os.path.isdir(base_model_dir(args)):
+        pipe.save_pretrained(base_model_dir(args))  # before the adapters wrap its layers
+    prepare_transformer(args, pipe.transformer)
+    student_grid, teacher_grid = grids(pipe, teacher, cfg)
+    transformer_dim = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    aligner = TokenAligner(transformer_dim, teacher.dim, cfg.projector_hidden, student_grid, teacher_grid,
+                           args.relation_grid).to(device)
+    from videorepa.training import VideoREPAModel
+
+    model = VideoREPAModel(pipe.transformer, pipe.scheduler, aligner, cfg.align_layer, args.align_loss,
+                           args.trd_weight, args.margin, args.trd_mode, args.trd_backend)
+    lr = args.learning_rate or (cfg.lora_learning_rate if args.lora_rank else cfg.learning_rate)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    generator = torch.Generator().manual_seed(args.seed * 1000 + rank)  # noise, timesteps and latent samples
+
+    step, position, skipped = 0, (0, 0), {}
+    resume = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
+    if resume:
+        step, position, skipped = read_checkpoint(resume, model, optimizer, lr_schedule, generator)
+        log.info("resumed from %s at step %d", resume, step)
+    elif args.resume:
+        log.info("--resume latest: no checkpoint in %s, starting fresh", args.output_dir)
+
+    ddp = world > 1
+    trained = torch.nn.parallel.DistributedDataParallel(
+        model, find_unused_parameters=args.align_loss == "none") if ddp else model
+    order = BatchOrder(len(dataset), args.batch_size, args.seed, rank, world)
+    order.position = position
+    loader = torch.utils.data.DataLoader(PositionedDataset(dataset), batch_sampler=order, collate_fn=collate,
+                                         num_workers=args.num_workers)
+    batches = iter(loader)
+    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    writer = None
+    if args.tensorboard and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
+    from tqdm import tqdm
+
+    from videorepa.diffusion import rotary_embeddings, sample_latents
+
+    progress = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    cached = args.cache_dir is not None
+    start = time.time()
+    while step < args.max_steps:
+        totals = {"loss": 0.0, "loss_diffusion": 0.0, "loss_align": 0.0}
+        for micro in range(args.gradient_accumulation_steps):
+            batch = next_usable_batch(batches, skipped, len(dataset))
+            position = batch["position"]
+            if cached:
+                latent_dist = batch["latent_dist"].to(device)
+                embeds, teacher_tokens = batch["prompt_embeds"].to(device), batch["teacher"].to(device)
+            else:
+                latent_dist, embeds, teacher_tokens = encode_inputs(pipe, teacher, batch["video"].to(device),
+                                                                    batch["caption"], device)
+            latents = sample_latents(pipe.vae, latent_dist, generator)
+            sync = contextlib.nullcontext() if not ddp or micro == args.gradient_accumulation_steps - 1 \
+                else trained.no_sync()
+            autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype \
+                else contextlib.nullcontext()
+            with sync:
+                with autocast, attention_kernel(attention):
+                    out = trained(latents, embeds, teacher_tokens, rotary_embeddings(pipe, latents), generator)
+                if not torch.isfinite(out["loss"]):
+                    raise FloatingPointError(
+                        f"non-finite loss at step {step + 1} (diffusion {out['loss_diffusion'].item():.4g}, "
+                        f"align {out['loss_align'].item():.4g}); the last checkpoint in {args.output_dir} is intact")
+                (out["loss"] / args.gradient_accumulation_steps).backward()
+            for k in totals:
+                totals[k] += out[k].item() / args.gradient_accumulation_steps
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        row = {"step": step, **totals, "loss_trd": totals["loss_align"] if args.align_loss == "trd" else None,
+               "lr": lr_schedule.get_last_lr()[0], "seconds": time.time() - start, "skipped": len(skipped)}
+        if rank == 0:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            if writer:
+                for k in ("loss", "loss_diffusion", "loss_align", "lr"):
+                    writer.add_scalar(k, row[k], step)
+            progress.set_postfix(loss=f"{row['loss']:.4f}", align=f"{row['loss_align']:.4f}")
+            progress.update(1)
+        if step % args.checkpoint_every == 0 or step == args.max_steps:
+            if rank == 0:
+                save_checkpoint(args.output_dir, step, lambda folder: write_checkpoint(
+                    folder, model, optimizer, lr_schedule, step, position, generator, skipped),
+                    args.checkpoints_total_limit)
+            barrier(world)
+        if args.validation_every and step % args.validation_every == 0 and rank == 0:
+            write_validation_videos(args, pipe, step, device)
+    progress.close()
+    if rank == 0:
+        final = save_final(args, pipe, model)
+        log.info("done: %d steps, %d clips skipped; final weights in %s", step, len(skipped), final)
+        metrics.close()
+    barrier(world)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return args.output_dir
+
+
+def next_usable_batch(batches, skipped: dict, dataset_size: int) -> dict:
+    """The next batch with at least one usable clip; unusable clips are logged once and counted."""
+    while True:
+        batch = next(batches)
+        for index, reason in batch["errors"]:
+            if index not in skipped:
+                skipped[index] = reason
+                log.warning("skipping clip %d: %s (%d skipped so far)", index, reason, len(skipped))
+        if len(skipped) >= dataset_size:
+            raise RuntimeError(f"no usable clip left: all {dataset_size} were skipped; first reasons: "
+                               f"{list(skipped.values())[:3]}")
+        if batch["index"]:
+            return batch
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

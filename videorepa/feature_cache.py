@@ -1,0 +1,71 @@
+"""Precomputed training inputs: VAE latent distributions, T5 embeddings and teacher tokens, computed once per clip
+and reused across runs. Entries are keyed by the file (path, size, mtime) and by everything that shapes them, so
+a changed clip or config never reads a stale entry; a clip that cannot be used is recorded too, with the reason.
+"""
+
+import hashlib
+import json
+import os
+
+import torch
+
+
+class FeatureCache:
+    def __init__(self, folder: str, config: dict):
+        self.folder = folder
+        self.config = config
+        os.makedirs(folder, exist_ok=True)
+
+    def key(self, video_path: str, caption: str) -> str:
+        stat = os.stat(video_path) if os.path.exists(video_path) else None
+        identity = {"path": os.path.abspath(video_path), "caption": caption, "config": self.config,
+                    "file": [stat.st_size, stat.st_mtime_ns] if stat else None}
+        return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def _path(self, key: str, ext: str) -> str:
+        return os.path.join(self.folder, key[:2], f"{key}.{ext}")
+
+    def load(self, key: str) -> dict | None:
+        """The cached tensors, {"error": reason} for a clip known to be unusable, or None if not computed yet."""
+        tensors, error = self._path(key, "pt"), self._path(key, "error")
+        if os.path.exists(tensors):
+            return torch.load(tensors, map_location="cpu", weights_only=True)
+        if os.path.exists(error):
+            with open(error, encoding="utf-8") as f:
+                return {"error": f.read()}
+        return None
+
+    def _write(self, path: str, save) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        save(tmp)
+        os.replace(tmp, path)  # atomic: a reader sees all of an entry or none of it
+
+    def store(self, key: str, tensors: dict) -> None:
+        self._write(self._path(key, "pt"), lambda p: torch.save({k: v.cpu().contiguous() for k, v in tensors.items()}, p))
+
+    def store_error(self, key: str, reason: str) -> None:
+        def save(p):
+            with open(p, "w", encoding="utf-8") as f:
+                f.write(reason)
+
+        self._write(self._path(key, "error"), save)
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Dataset items read from the cache only: {index, latent_dist, prompt_embeds, teacher} or {index, error}."""
+
+    def __init__(self, cache: FeatureCache, rows: list[tuple[str, str]]):
+        self.cache, self.keys = cache, [cache.key(path, caption) for path, caption in rows]
+        self.paths = [path for path, _ in rows]
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.cache.load(self.keys[index])
+        if entry is None:
+            return {"index": index, "error": f"{self.paths[index]}: missing from the feature cache"}
+        if "error" in entry:
+            return {"index": index, "error": entry["error"]}
+        return {"index": index, **entry}
