@@ -23,8 +23,9 @@ def read_video(path: str) -> np.ndarray:
     return np.stack(frames)
 
 
-def write_video(path: str, frames: np.ndarray, fps: int = 8) -> None:
-    """Write uint8 (F, H, W, 3) frames as H.264 mp4 (or gif, by extension), atomically: a crash leaves no half file."""
+def write_video(path: str, frames: np.ndarray, fps: int = 8, lossless: bool = False) -> None:
+    """Write uint8 (F, H, W, 3) frames as H.264 mp4 (or gif, by extension), atomically: a crash leaves no half file.
+    `lossless` stores RGB exactly (H.264 RGB at qp 0; fewer players take it than the default yuv420p)."""
     import av
 
     frames = np.asarray(frames)
@@ -37,12 +38,16 @@ def write_video(path: str, frames: np.ndarray, fps: int = 8) -> None:
         if ext == ".gif":
             stream = container.add_stream("gif", rate=fps)
             stream.pix_fmt = "rgb8"
+        elif lossless:
+            stream = container.add_stream("libx264rgb", rate=fps)
+            stream.pix_fmt = "rgb24"
+            stream.options = {"qp": "0"}
         else:
             stream = container.add_stream("libx264", rate=fps)
             stream.pix_fmt = "yuv420p"
             stream.options = {"crf": "12"}
         # yuv420p needs even sizes: pad by repeating the last row/column rather than resampling.
-        pad_h, pad_w = (height % 2, width % 2) if ext != ".gif" else (0, 0)
+        pad_h, pad_w = (height % 2, width % 2) if ext != ".gif" and not lossless else (0, 0)
         stream.height, stream.width = height + pad_h, width + pad_w
         for frame in frames:
             if pad_h or pad_w:

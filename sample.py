@@ -1,0 +1,168 @@
+"""Generate videos with a CogVideoX pipeline: a train.py output (full finetune or LoRA) or any CogVideoX directory.
+
+    python sample.py                                          # newest output of `python train.py` (runs/tiny)
+    python sample.py --model runs/2b/final --prompts prompts/videorepa_demos.txt --output-dir videos --seed 0 1
+    python sample.py --model runs/2b-lora/final --lora-scale 0.8 --prompt "Glass shatters on the floor." --output a.mp4
+
+Stock diffusers CogVideoXPipeline throughout: a LoRA output is its base pipeline plus `load_lora_weights`.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import torch
+
+from videorepa.attention import ATTENTION, attention_kernel, resolve_attention
+from videorepa.models import text_length
+
+DEFAULT_RUN = os.path.join("runs", "tiny")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help=f"pipeline directory, train.py's final/ (full or LoRA) or its output directory "
+                   f"(default: {DEFAULT_RUN}, the embedded default's output)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of LoRA weights (LoRA outputs only)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--prompts", help="text file with one prompt per line (# starts a comment)")
+    dst = p.add_mutually_exclusive_group()
+    dst.add_argument("--output", help="the video file (one prompt and one seed)")
+    dst.add_argument("--output-dir", help="folder for one video per prompt and seed (default: samples/)")
+    p.add_argument("--num-frames", type=int, help="4k + 1 frames (default: the model's, 49 for CogVideoX)")
+    p.add_argument("--height", type=int, help="multiple of 16 (default: the model's)")
+    p.add_argument("--width", type=int, help="multiple of 16 (default: the model's)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=6.0)
+    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds: one video per seed")
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--format", choices=["mp4", "gif"], default="mp4")
+    p.add_argument("--lossless", action="store_true", help="mp4 that stores every RGB value exactly (H.264 RGB, "
+                   "qp 0): for evaluation; fewer players take it")
+    p.add_argument("--attention", choices=ATTENTION, default="auto")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles (less GPU memory)")
+    p.add_argument("--vae-slicing", action="store_true", help="decode one video of the batch at a time")
+    p.add_argument("--cpu-offload", action="store_true", help="keep models on CPU, move each to the GPU when used")
+    args = p.parse_args(argv)
+    if args.prompts:
+        if not os.path.isfile(args.prompts):
+            p.error(f"--prompts {args.prompts!r}: no such file")
+        with open(args.prompts, encoding="utf-8") as f:
+            args.prompt = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        if not args.prompt:
+            p.error(f"--prompts {args.prompts!r} holds no prompt")
+    args.prompt = args.prompt or ["A red ball falls and bounces on the floor."]
+    if args.output and len(args.prompt) * len(args.seed) > 1:
+        p.error("--output takes one prompt and one seed; use --output-dir for several")
+    if args.num_frames is not None and (args.num_frames < 5 or (args.num_frames - 1) % 4):
+        p.error(f"--num-frames must be 4k + 1 and at least 5 (CogVideoX's VAE), got {args.num_frames}")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 16):
+            p.error(f"--{name} must be a positive multiple of 16, got {value}")
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    return args
+
+
+def resolve_model(path: str | None) -> tuple[str, str | None]:
+    """(pipeline directory, LoRA directory or None) for what --model names."""
+    path = path or DEFAULT_RUN
+    if not os.path.isdir(path):
+        hint = " (run `python train.py` first)" if path == DEFAULT_RUN else ""
+        raise ValueError(f"--model {path!r} is not a directory{hint}")
+    if not os.path.exists(os.path.join(path, "model_index.json")) and os.path.isdir(os.path.join(path, "final")):
+        path = os.path.join(path, "final")  # a train.py output directory
+    lora_info = os.path.join(path, "videorepa.json")
+    if os.path.exists(lora_info):
+        with open(lora_info) as f:
+            base = json.load(f)["base_model"]
+        if not os.path.exists(os.path.join(base, "model_index.json")):
+            raise ValueError(f"LoRA output {path!r} names base model {base!r}, which is not a pipeline directory")
+        return base, path
+    if not os.path.exists(os.path.join(path, "model_index.json")):
+        raise ValueError(f"--model {path!r} is not a CogVideoX pipeline (no model_index.json) nor a train.py output")
+    return path, None
+
+
+def load(args, device, dtype):
+    from diffusers import CogVideoXPipeline
+
+    base, lora = resolve_model(args.model)
+    pipe = CogVideoXPipeline.from_pretrained(base, torch_dtype=dtype)
+    if lora:
+        pipe.load_lora_weights(lora, adapter_name="videorepa")
+        pipe.set_adapters(["videorepa"], [args.lora_scale])
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
+    if args.vae_slicing:
+        pipe.vae.enable_slicing()
+    if args.cpu_offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def check_prompts(pipe, prompts):
+    limit = text_length(pipe)
+    for prompt in prompts:
+        n = len(pipe.tokenizer(prompt).input_ids)
+        if n > limit:
+            raise ValueError(f"prompt is {n} tokens, over the text encoder's limit of {limit}: {prompt[:80]!r}...")
+
+
+def output_paths(args) -> list[tuple[str, int, str]]:
+    """(prompt, seed, file) for every video; names carry the prompt's index and the seed, so none collide."""
+    if args.output:
+        return [(args.prompt[0], args.seed[0], args.output)]
+    folder = args.output_dir or "samples"
+    jobs = []
+    for i, prompt in enumerate(args.prompt):
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "prompt"
+        for seed in args.seed:
+            jobs.append((prompt, seed, os.path.join(folder, f"{i:03d}-{slug}-seed{seed}.{args.format}")))
+    return jobs
+
+
+def generate(pipe, prompt, seed, args):
+    """uint8 frames (F, H, W, 3)."""
+    frames = pipe(prompt, num_frames=args.num_frames or pipe.transformer.config.sample_frames, height=args.height,
+                  width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                  max_sequence_length=text_length(pipe), generator=torch.Generator().manual_seed(seed),
+                  output_type="np").frames[0]
+    # Floats in [0, 1] become uint8 exactly once here; the writer takes uint8 as is.
+    return (frames * 255).round().clip(0, 255).astype("uint8")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from videorepa.video_io import write_video
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    pipe = load(args, device, dtype)
+    check_prompts(pipe, args.prompt)
+    attention = resolve_attention(args.attention, device, dtype)
+    written = []
+    for prompt, seed, path in output_paths(args):
+        with attention_kernel(attention):
+            frames = generate(pipe, prompt, seed, args)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_video(path, frames, fps=args.fps, lossless=args.lossless)
+        print(f"wrote {path} ({len(frames)} frames, seed {seed}): {prompt}")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as err:
+        sys.exit(f"sample.py: error: {err}")
