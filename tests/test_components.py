@@ -217,3 +217,26 @@ def test_batch_order_resumes_exactly():
     assert [next(iter_) for iter_ in [iter(resumed)] for _ in range(3)] == first[3:]
     ranks = [next(iter(BatchOrder(10, 3, seed=1, rank=r, world=2))) for r in (0, 1)]
     assert not {i for i, *_ in ranks[0]} & {i for i, *_ in ranks[1]}
+
+
+def test_transformers_teachers_load_from_local_directories(tmp_path):
+    from transformers import VideoMAEConfig, VideoMAEModel, VJEPA2Config, VJEPA2Model
+
+    VideoMAEModel(VideoMAEConfig(image_size=64, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=16,
+                                 num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+                  ).save_pretrained(tmp_path / "videomae")
+    VJEPA2Model(VJEPA2Config(crop_size=64, frames_per_clip=4, hidden_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, mlp_ratio=2.0, pred_hidden_size=16, pred_num_hidden_layers=1,
+                             pred_num_attention_heads=2)).save_pretrained(tmp_path / "vjepa2")
+    video = torch.rand(2, 9, 3, 64, 96) * 2 - 1
+    videomae = load_teacher("videomae", str(tmp_path / "videomae"), 32, 48, 9)
+    assert videomae(video).shape == (2, 4, 2, 3, 16)
+    vjepa2 = load_teacher("vjepa2", str(tmp_path / "vjepa2"), 48, 48, 9)
+    assert vjepa2.model.config.crop_size == 48 and vjepa2(video).shape == (2, 4, 3, 3, 16)
+    for teacher in (videomae, vjepa2):
+        teacher.train()
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ValueError, match="square"):
+        load_teacher("vjepa2", str(tmp_path / "vjepa2"), 32, 48, 9)
+    with pytest.raises(ValueError, match="needs --teacher-path"):
+        load_teacher("videomae", None, 32, 48, 9)

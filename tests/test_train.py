@@ -160,3 +160,34 @@ def test_torchrun_two_cpu_processes(tmp_path, clips):
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
     assert os.path.isfile(tmp_path / "final" / "model_index.json")
+
+
+def test_accumulation_checkpointing_full_grid_and_validation_videos(tmp_path, clips):
+    run_train(tmp_path, "--max-steps", "2", "--gradient-accumulation-steps", "2", "--gradient-checkpointing",
+              "--relation-grid", "student", "--trd-mode", "spatial", "--validation-every", "2",
+              "--validation-steps", "2", "--mixed-precision", "bf16", data=clips)
+    rows = metrics(tmp_path)
+    assert len(rows) == 2 and all(np.isfinite(r["loss_trd"]) and r["loss_trd"] > 0 for r in rows)
+    videos = os.listdir(tmp_path / "validation")
+    assert videos == ["step-000002-0.mp4"]
+    from videorepa.video_io import read_video
+
+    assert read_video(str(tmp_path / "validation" / videos[0])).shape == (9, 64, 96, 3)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, clips, monkeypatch):
+    import videorepa.training as training
+
+    real, calls = training.diffusion_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(training, "diffusion_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 3.*last checkpoint"):
+        run_train(tmp_path, "--max-steps", "5", "--checkpoint-every", "2", data=clips)
+    weights = load_file(tmp_path / "checkpoint-2" / "trainable.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not os.path.exists(tmp_path / "final")
