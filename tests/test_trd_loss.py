@@ -1,5 +1,7 @@
 """TRD loss, every backend, against a float64 reference written from the formula: values and gradients."""
 
+import os
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from videorepa import TRDLoss
 from videorepa.kernels import trd_loss
 from videorepa.kernels import trd_triton
 
+DEVICE = torch.device(os.environ.get("VIDEOREPA_TEST_DEVICE", "cpu"))
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 BACKENDS = [
     pytest.param(("triton", True), id="triton"),
@@ -35,7 +38,7 @@ def reference_trd(student, teacher, margin, mode="full", tokens_per_frame=None):
     t_hat = t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     excess = torch.relu((s_hat @ s_hat.mT - t_hat @ t_hat.mT).abs() - margin)
     n = s.shape[-2]
-    frame = torch.arange(n) // (tokens_per_frame or n)
+    frame = torch.arange(n, device=s.device) // (tokens_per_frame or n)
     same = frame[:, None] == frame[None, :]
     keep = {"full": torch.ones_like(same), "spatial": same, "temporal": ~same}[mode]
     batch = s.shape[0] if s.dim() == 3 else 1
@@ -45,6 +48,7 @@ def reference_trd(student, teacher, margin, mode="full", tokens_per_frame=None):
 def run(backend, student, teacher, margin, mode="full", tokens_per_frame=None, teacher_grad=True):
     """Loss and gradients from a backend and from the reference, on fresh leaf copies of the same inputs."""
     name, deterministic = backend
+    student, teacher = student.to(DEVICE), teacher.to(DEVICE)
     s = student.detach().clone().requires_grad_()
     t = teacher.detach().clone().requires_grad_(teacher_grad)
     loss = trd_loss(s, t, margin, mode, tokens_per_frame, backend=name, deterministic=deterministic)
@@ -176,6 +180,7 @@ def test_triton_other_tile_shapes(config, deterministic):
 
     gen = torch.Generator().manual_seed(10)
     student, teacher = torch.randn(2, 90, 40, generator=gen), torch.randn(2, 90, 24, generator=gen)
+    student, teacher = student.to(DEVICE), teacher.to(DEVICE)
     for mode, frame in (("full", None), ("spatial", 18), ("temporal", 30)):
         s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
         engine = lambda *a: trd_triton.triton_engine(*a, deterministic=deterministic, config=config)  # noqa: E731
@@ -200,8 +205,8 @@ def test_no_gradient_work_without_grad(monkeypatch):
     calls = []
     real_engine = trd_triton.triton_engine
     monkeypatch.setattr(trd_triton, "triton_engine", lambda *a, **k: calls.append(a[3:5]) or real_engine(*a, **k))
-    student = torch.randn(30, 8, requires_grad=True)
-    teacher = torch.randn(30, 8, requires_grad=True)
+    student = torch.randn(30, 8, device=DEVICE, requires_grad=True)
+    teacher = torch.randn(30, 8, device=DEVICE, requires_grad=True)
     with torch.no_grad():
         loss = trd_loss(student, teacher, backend="triton")
     assert not loss.requires_grad
