@@ -85,10 +85,7 @@ def parse_args(argv=None):
     g.add_argument("--validation-steps", type=int, default=50, help="denoising steps for validation videos")
     g.add_argument("--tensorboard", action="store_true", help="also log scalars to OUTPUT/tensorboard")
     args = p.parse_args(argv)
-
-    def fail(message):
-        p.error(message)
-
+    fail = p.error
     if args.preset != "tiny" and not args.model:
         fail(f"--preset {args.preset} needs --model PATH (a local CogVideoX pipeline directory)")
     args.teacher = args.teacher or ("tiny" if args.preset == "tiny" else "videomaev2")

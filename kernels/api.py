@@ -1,5 +1,6 @@
 """`trd_loss`: argument checks, then dispatch to a backend."""
 
+import functools
 from typing import Optional
 
 import torch
@@ -63,6 +64,4 @@ def trd_loss(
         return fused_trd_loss(problem, torch_engine)
     from .trd_triton import triton_engine  # imports triton: only when asked for
 
-    return fused_trd_loss(
-        problem, lambda *args: triton_engine(*args, deterministic=deterministic)
-    )
+    return fused_trd_loss(problem, functools.partial(triton_engine, deterministic=deterministic))

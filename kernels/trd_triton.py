@@ -192,6 +192,12 @@ def new_output(shape, device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
+def _gradient_buffer(shape, device, symmetric: bool) -> torch.Tensor:
+    # The symmetric schedule adds into rows from several programs, so it starts from zeros; in the deterministic
+    # one each program's first store initialises its own rows.
+    return torch.zeros(shape, dtype=torch.float32, device=device) if symmetric else new_output(shape, device)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs get true float32 products: TF32 rounding (10-bit mantissa) would move Gram entries by ~1e-3
     # and flip pairs that sit near the margin.
@@ -212,17 +218,21 @@ def triton_engine(problem: TRDProblem, r_s, r_t, need_s: bool, need_t: bool,
                          "use backend='torch' or 'auto'")
     batch, tokens, device = problem.batch, problem.tokens, s.device
     symmetric = not deterministic
-    make_grad = torch.zeros if symmetric else lambda shape, device: new_output(shape, device)
-    grad_s = make_grad((batch, tokens, s.shape[2]), device=device) if need_s else None
-    grad_t = make_grad((batch, tokens, t.shape[2]), device=device) if need_t else None
+    grad_s = _gradient_buffer((batch, tokens, s.shape[2]), device, symmetric) if need_s else None
+    grad_t = _gradient_buffer((batch, tokens, t.shape[2]), device, symmetric) if need_t else None
     loss_rows = new_output((batch, tokens), device)
-    dummy = loss_rows  # stands in for a gradient buffer the kernel is compiled not to touch
-    gs, gt = (grad_s if need_s else dummy), (grad_t if need_t else dummy)
-    kernel = _trd_kernel if (config or interpreter_enabled()) else _trd_kernel_tuned
-    meta = dict(config or INTERPRETER_CONFIG) if kernel is _trd_kernel else {}
-    grid = lambda m: (triton.cdiv(tokens, m["BLOCK_M"]), batch)  # noqa: E731
+    # A gradient the kernel is compiled not to touch still needs a pointer argument: the loss buffer stands in.
+    gs, gt = (grad_s if need_s else loss_rows), (grad_t if need_t else loss_rows)
+    if config or interpreter_enabled():
+        kernel, meta = _trd_kernel, dict(config or INTERPRETER_CONFIG)
+    else:
+        kernel, meta = _trd_kernel_tuned, {}
+
+    def grid(meta):
+        return triton.cdiv(tokens, meta["BLOCK_M"]), batch
+
     kernel[grid](
-        s, t, r_s.contiguous(), r_t.contiguous(), loss_rows, gs, gt,
+        s, t, r_s, r_t, loss_rows, gs, gt,
         tokens, s.shape[2], t.shape[2], problem.tokens_per_frame, triton.next_power_of_2(tokens), problem.margin,
         *s.stride(), *t.stride(), gs.stride(0), gs.stride(1), gt.stride(0), gt.stride(1),
         MODE=MODE_IDS[problem.mode], SYMMETRIC=symmetric, GRAD_S=need_s, GRAD_T=need_t,

@@ -1,5 +1,6 @@
 """TRD loss, every backend, against a float64 reference written from the formula: values and gradients."""
 
+import functools
 import os
 
 import pytest
@@ -183,7 +184,7 @@ def test_triton_other_tile_shapes(config, deterministic):
     student, teacher = student.to(DEVICE), teacher.to(DEVICE)
     for mode, frame in (("full", None), ("spatial", 18), ("temporal", 30)):
         s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
-        engine = lambda *a: trd_triton.triton_engine(*a, deterministic=deterministic, config=config)  # noqa: E731
+        engine = functools.partial(trd_triton.triton_engine, deterministic=deterministic, config=config)
         loss = fused_trd_loss(validate(s, t, 0.1, mode, frame), engine)
         loss.backward()
         s_ref, t_ref = student.clone().requires_grad_(), teacher.clone().requires_grad_()
