@@ -139,6 +139,8 @@ def load_models(args, device):
     teacher = load_teacher(args.teacher, args.teacher_path, cfg.teacher_height, cfg.teacher_width, cfg.num_frames)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
+    if args.model is not None:
+        pipe.vae.enable_tiling()  # 49×480×720 clips: encode in tiles rather than in one block of activations
     pipe.to(device)
     return pipe, teacher.to(device)
 
