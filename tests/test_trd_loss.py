@@ -2,6 +2,7 @@
 
 import functools
 import os
+import zlib
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ import torch
 from videorepa import TRDLoss
 from videorepa.kernels import trd_loss
 from videorepa.kernels import trd_triton
+from videorepa.kernels.fused import fused_trd_loss
+from videorepa.kernels.validation import validate
 
 DEVICE = torch.device(os.environ.get("VIDEOREPA_TEST_DEVICE", "cpu"))
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
@@ -77,8 +80,9 @@ def assert_close(got, ref, tol):
         assert torch.isfinite(g).all()
         if g_ref.abs().max() <= 1e-12:
             # Mathematically zero (no active pair, or D = 1 where the normalisation's tangent space is empty):
-            # only rounding may remain.
-            assert g.abs().max() <= 1e-6
+            # only rounding may remain, held to `tol` relative to the ~1e-2 scale of these tests' gradients
+            # (rounding is amplified by 1/‖x‖ for short tokens).
+            assert g.abs().max() <= tol * 1e-2
         else:
             assert relative_error(g, g_ref) <= tol
 
@@ -96,7 +100,7 @@ BACKEND_DTYPES = [
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_matches_float64_reference(backend, dtype, case):
     batch, n, ds, dt, mode, frame = case
-    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))  # fresh per case, stable across runs
     student = torch.randn(batch, n, ds, generator=gen).to(dtype)
     teacher = torch.randn(batch, n, dt, generator=gen).to(dtype)
     got, ref = run(backend, student, teacher, 0.1, mode, frame)
@@ -176,9 +180,6 @@ def test_triton_writes_every_output(monkeypatch, deterministic):
 @pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "symmetric"])
 def test_triton_other_tile_shapes(config, deterministic):
     # Unequal row and column tiles exercise the symmetric diagonal handling and the spatial column range.
-    from videorepa.kernels.fused import fused_trd_loss
-    from videorepa.kernels.validation import validate
-
     gen = torch.Generator().manual_seed(10)
     student, teacher = torch.randn(2, 90, 40, generator=gen), torch.randn(2, 90, 24, generator=gen)
     student, teacher = student.to(DEVICE), teacher.to(DEVICE)
@@ -234,3 +235,30 @@ def test_module_wrapper_matches_function():
     expected = reference_trd(student, teacher, 0.05, "spatial", 6)
     assert abs(module(student, teacher).item() - expected.item()) < 1e-6
     assert "spatial" in repr(module)
+
+
+@pytest.mark.parametrize("config", trd_triton._CONFIGS, ids=lambda c: "M{BLOCK_M}-N{BLOCK_N}-K{BLOCK_K}-D{BLOCK_D}".format(**c.kwargs))
+def test_every_autotune_config_is_correct(config):
+    # The autotuner on a GPU may pick any of these; each must tile odd shapes correctly in both schedules.
+    gen = torch.Generator().manual_seed(15)
+    student, teacher = torch.randn(1, 150, 70, generator=gen), torch.randn(1, 150, 33, generator=gen)
+    student, teacher = student.to(DEVICE), teacher.to(DEVICE)
+    for deterministic, mode, frame in ((True, "temporal", 30), (False, "spatial", 75)):
+        s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+        engine = functools.partial(trd_triton.triton_engine, deterministic=deterministic, config=config.kwargs)
+        loss = fused_trd_loss(validate(s, t, 0.1, mode, frame), engine)
+        loss.backward()
+        s_ref, t_ref = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+        ref = reference_trd(s_ref, t_ref, 0.1, mode, frame)
+        ref.backward()
+        assert_close((loss, s.grad, t.grad), (ref, s_ref.grad, t_ref.grad), 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_student_and_teacher_dtypes_may_differ(backend):
+    gen = torch.Generator().manual_seed(16)
+    student = torch.randn(2, 40, 24, generator=gen).to(torch.bfloat16)
+    teacher = torch.randn(2, 40, 12, generator=gen)  # float32, as a cached teacher often is
+    got, ref = run(backend, student, teacher, 0.1)
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    assert_close(got, ref, 3e-2 if backend[0] != "naive" else 0.3)
