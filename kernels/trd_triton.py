@@ -164,7 +164,7 @@ def _prune_configs(configs, named_args, **kwargs):
     """Drop tiles much taller than the problem: a 128-row tile on N = 40 tokens only multiplies zeros."""
     n = named_args["N"]
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(n))]
-    return fitting or configs[:1]
+    return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 _CONFIGS = [

@@ -87,3 +87,12 @@ def test_peak_memory_counts_live_tensors_only():
         del big, view
         torch.zeros(2**19)  # 2 MiB, after the 4 MiB block is gone
     assert mem.peak_mib == 4.0
+
+
+def test_autotune_prunes_tiles_taller_than_the_problem():
+    from videorepa.kernels.trd_triton import _CONFIGS, _prune_configs
+
+    assert {c.kwargs["BLOCK_M"] for c in _prune_configs(_CONFIGS, {"N": 100})} == {64, 128}
+    assert {c.kwargs["BLOCK_M"] for c in _prune_configs(_CONFIGS, {"N": 60})} == {64}
+    small = _prune_configs(_CONFIGS, {"N": 5})
+    assert len(small) == 1 and small[0].kwargs["BLOCK_M"] == 64 and small[0].kwargs["BLOCK_N"] == 64
