@@ -173,6 +173,19 @@ def test_triton_writes_every_output(monkeypatch, deterministic):
         assert_close(got, ref, 1e-4)
 
 
+def check_explicit_config(student, teacher, deterministic, config, mode, frame):
+    """The Triton engine with one fixed tile configuration against the reference."""
+    student, teacher = student.to(DEVICE), teacher.to(DEVICE)
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    engine = functools.partial(trd_triton.triton_engine, deterministic=deterministic, config=config)
+    loss = fused_trd_loss(validate(s, t, 0.1, mode, frame), engine)
+    loss.backward()
+    s_ref, t_ref = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    ref = reference_trd(s_ref, t_ref, 0.1, mode, frame)
+    ref.backward()
+    assert_close((loss, s.grad, t.grad), (ref, s_ref.grad, t_ref.grad), 1e-4)
+
+
 @pytest.mark.parametrize("config", [
     {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 16, "BLOCK_D": 16},
     {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 64, "BLOCK_D": 32},
@@ -182,16 +195,8 @@ def test_triton_other_tile_shapes(config, deterministic):
     # Unequal row and column tiles exercise the symmetric diagonal handling and the spatial column range.
     gen = torch.Generator().manual_seed(10)
     student, teacher = torch.randn(2, 90, 40, generator=gen), torch.randn(2, 90, 24, generator=gen)
-    student, teacher = student.to(DEVICE), teacher.to(DEVICE)
     for mode, frame in (("full", None), ("spatial", 18), ("temporal", 30)):
-        s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
-        engine = functools.partial(trd_triton.triton_engine, deterministic=deterministic, config=config)
-        loss = fused_trd_loss(validate(s, t, 0.1, mode, frame), engine)
-        loss.backward()
-        s_ref, t_ref = student.clone().requires_grad_(), teacher.clone().requires_grad_()
-        ref = reference_trd(s_ref, t_ref, 0.1, mode, frame)
-        ref.backward()
-        assert_close((loss, s.grad, t.grad), (ref, s_ref.grad, t_ref.grad), 1e-4)
+        check_explicit_config(student, teacher, deterministic, config, mode, frame)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -222,7 +227,6 @@ def test_grad_output_scales_gradient():
     gen = torch.Generator().manual_seed(13)
     student = torch.randn(40, 10, generator=gen, requires_grad=True)
     teacher = torch.randn(40, 10, generator=gen)
-    (torch.autograd.grad(trd_loss(student, teacher, backend="torch"), student)[0])
     once = torch.autograd.grad(trd_loss(student, teacher, backend="torch"), student)[0]
     scaled = torch.autograd.grad(-2.5 * trd_loss(student, teacher, backend="torch"), student)[0]
     torch.testing.assert_close(scaled, -2.5 * once)
@@ -242,16 +246,8 @@ def test_every_autotune_config_is_correct(config):
     # The autotuner on a GPU may pick any of these; each must tile odd shapes correctly in both schedules.
     gen = torch.Generator().manual_seed(15)
     student, teacher = torch.randn(1, 150, 70, generator=gen), torch.randn(1, 150, 33, generator=gen)
-    student, teacher = student.to(DEVICE), teacher.to(DEVICE)
     for deterministic, mode, frame in ((True, "temporal", 30), (False, "spatial", 75)):
-        s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
-        engine = functools.partial(trd_triton.triton_engine, deterministic=deterministic, config=config.kwargs)
-        loss = fused_trd_loss(validate(s, t, 0.1, mode, frame), engine)
-        loss.backward()
-        s_ref, t_ref = student.clone().requires_grad_(), teacher.clone().requires_grad_()
-        ref = reference_trd(s_ref, t_ref, 0.1, mode, frame)
-        ref.backward()
-        assert_close((loss, s.grad, t.grad), (ref, s_ref.grad, t_ref.grad), 1e-4)
+        check_explicit_config(student, teacher, deterministic, config.kwargs, mode, frame)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
