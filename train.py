@@ -335,7 +335,7 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(PositionedDataset(dataset), batch_sampler=order, collate_fn=collate,
                                          num_workers=args.num_workers)
     batches = iter(loader)
-    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    metrics = open_metrics(os.path.join(args.output_dir, "metrics.jsonl"), step) if rank == 0 else None
     writer = None
     if args.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -406,6 +406,18 @@ def main(argv=None):
     if world > 1:
         torch.distributed.destroy_process_group()
     return args.output_dir
+
+
+def open_metrics(path: str, step: int):
+    """metrics.jsonl for appending, keeping only rows up to `step`: a fresh run starts it empty, and a resumed
+    one drops the rows logged after its checkpoint by the run it continues."""
+    kept = []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+    return open(path, "a")
 
 
 def next_usable_batch(batches, skipped: dict, dataset_size: int) -> dict:

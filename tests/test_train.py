@@ -62,8 +62,10 @@ def test_trd_loss_falls_on_synthetic_data(tmp_path, clips):
 def test_resume_matches_an_uninterrupted_run(tmp_path, clips):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_train(straight, "--max-steps", "6", "--checkpoint-every", "3", data=clips)
-    run_train(resumed, "--max-steps", "3", "--checkpoint-every", "3", data=clips)
+    # The first run goes on to step 5 but only its step-3 checkpoint survives, as after a crash.
+    run_train(resumed, "--max-steps", "5", "--checkpoint-every", "3", data=clips)
     shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoint-5")
     run_train(resumed, "--max-steps", "6", "--checkpoint-every", "3", "--resume", "latest", data=clips)
     a = load_file(straight / "checkpoint-6" / "trainable.safetensors")
     b = load_file(resumed / "checkpoint-6" / "trainable.safetensors")
