@@ -37,7 +37,9 @@ def fused_trd_loss(problem: TRDProblem, engine: Engine) -> torch.Tensor:
     s, t = problem.student, problem.teacher
     grad_enabled = torch.is_grad_enabled()
     need_s, need_t = grad_enabled and s.requires_grad, grad_enabled and t.requires_grad
-    with torch.no_grad():
+    # Autocast off: under a training loop's bf16 autocast the blockwise engine's Gram blocks and the normalisation
+    # backward would otherwise drop to bf16 matmuls; the inputs keep whatever dtype they arrive in.
+    with torch.no_grad(), torch.autocast(s.device.type, enabled=False):
         r_s, clamped_s = inverse_norms(s)
         r_t, clamped_t = inverse_norms(t)
         loss_sum, hat_s, hat_t = engine(problem, r_s, r_t, need_s, need_t)

@@ -258,3 +258,16 @@ def test_student_and_teacher_dtypes_may_differ(backend):
     got, ref = run(backend, student, teacher, 0.1)
     assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
     assert_close(got, ref, 3e-2 if backend[0] != "naive" else 0.3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fused_backends_ignore_autocast(backend):
+    # In a bf16-autocast training step the fused paths still accumulate in float32 for float32 inputs.
+    gen = torch.Generator().manual_seed(17)
+    student, teacher = torch.randn(2, 60, 24, generator=gen), torch.randn(2, 60, 12, generator=gen)
+    plain, ref = run((backend, True), student, teacher, 0.1)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        autocast, _ = run((backend, True), student, teacher, 0.1)
+    for a, b in zip(plain, autocast):
+        assert torch.equal(a, b)
+    assert_close(autocast, ref, 1e-4)
