@@ -42,3 +42,18 @@ def test_harness_writes_checked_rows(tmp_path):
     # The blockwise engine never holds the N×N Gram matrices that naive keeps for backward.
     assert by_key["torch", "fwd+bwd", "full", 512]["peak_mib"] < by_key["naive", "fwd+bwd", "full", 512]["peak_mib"]
     assert picture.stat().st_size > 0
+
+
+def test_train_step_harness_runs_the_tiny_model(tmp_path):
+    pytest.importorskip("diffusers")
+    import bench_train_step
+
+    out = tmp_path / "steps.json"
+    bench_train_step.main(["--device", "cpu", "--model-size", "tiny", "--steps", "2", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["relation_grid"], r["trd_backend"], r["N"]) for r in rows] == [
+        ("teacher", "torch", 24), ("teacher", "naive", 24), ("student", "torch", 96), ("student", "naive", 96)]
+    for row in rows:
+        assert row["ms"] > 0 and row["peak_mib"] > 0 and row["loss_trd"] > 0
+    # Same random model and inputs for both backends: the same TRD loss.
+    assert abs(rows[0]["loss_trd"] - rows[1]["loss_trd"]) < 1e-5

@@ -9,19 +9,43 @@ import os
 import torch
 
 
+# Transformer configurations: the tiny one of the embedded default, and CogVideoX-2B's (for random-weight
+# benchmarks of a real-sized step; real weights come from a local directory).
+TRANSFORMER_CONFIGS = {
+    "tiny": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
+                 text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9, patch_size=2,
+                 temporal_compression_ratio=4, max_text_seq_length=128),
+    "cogvideox-2b": dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16,
+                         time_embed_dim=512, text_embed_dim=4096, num_layers=30, sample_width=90, sample_height=60,
+                         sample_frames=49, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226),
+}
+
+
+def build_transformer(name: str):
+    from diffusers import CogVideoXTransformer3DModel
+
+    return CogVideoXTransformer3DModel(**TRANSFORMER_CONFIGS[name])
+
+
+def build_scheduler():
+    """CogVideoX-2B's scheduler settings: v-prediction on a zero-terminal-SNR schedule."""
+    from diffusers import CogVideoXDPMScheduler
+
+    return CogVideoXDPMScheduler(
+        beta_schedule="scaled_linear", prediction_type="v_prediction", rescale_betas_zero_snr=True,
+        clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing", snr_shift_scale=3.0,
+    )
+
+
 def build_tiny_pipeline(seed: int = 0):
     """A CogVideoX pipeline small enough for a CPU: 2-block transformer, 4-level VAE of 8 channels, 1-layer T5 with
     the byte-level ByT5 tokenizer (which needs no vocabulary files). Video 9×64×96 → latents 3×8×12 → 3×4×6 tokens."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
-        text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=128,
-    )
+    transformer = build_transformer("tiny")
     vae = AutoencoderKLCogVideoX(
         block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
         temporal_compression_ratio=4, sample_height=64, sample_width=96,
@@ -31,11 +55,7 @@ def build_tiny_pipeline(seed: int = 0):
         vocab_size=tokenizer.vocab_size + 3, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
         dropout_rate=0.0,
     ))
-    # CogVideoX-2B's scheduler settings: v-prediction on a zero-terminal-SNR schedule.
-    scheduler = CogVideoXDPMScheduler(
-        beta_schedule="scaled_linear", prediction_type="v_prediction", rescale_betas_zero_snr=True,
-        clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing", snr_shift_scale=3.0,
-    )
+    scheduler = build_scheduler()
     torch.random.set_rng_state(generator_state)
     for module in (transformer, vae, text_encoder):
         module.eval()  # fresh modules start in train mode (dropout); train.py switches on what it trains
