@@ -240,3 +240,24 @@ def test_transformers_teachers_load_from_local_directories(tmp_path):
         load_teacher("vjepa2", str(tmp_path / "vjepa2"), 32, 48, 9)
     with pytest.raises(ValueError, match="needs --teacher-path"):
         load_teacher("videomae", None, 32, 48, 9)
+
+
+def test_training_step_with_rotary_positions_as_cogvideox_5b():
+    from diffusers import CogVideoXTransformer3DModel
+
+    from videorepa.diffusion import rotary_embeddings
+    from videorepa.models import TRANSFORMER_CONFIGS, build_tiny_pipeline
+    from videorepa.training import VideoREPAModel
+
+    pipe = build_tiny_pipeline()
+    pipe.transformer = CogVideoXTransformer3DModel(**{**TRANSFORMER_CONFIGS["tiny"],
+                                                      "use_rotary_positional_embeddings": True}).train()
+    aligner = TokenAligner(32, 16, 24, (3, 4, 6), (4, 2, 3))
+    model = VideoREPAModel(pipe.transformer, pipe.scheduler, aligner, align_layer=1)
+    latents = torch.randn(2, 3, 4, 8, 12)
+    rotary = rotary_embeddings(pipe, latents)
+    assert rotary is not None and rotary[0].shape[0] == 3 * 4 * 6
+    out = model(latents, torch.randn(2, 128, 32), torch.randn(2, 4, 2, 3, 16), rotary,
+                torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert out["loss_align"] > 0 and pipe.transformer.transformer_blocks[0].attn1.to_q.weight.grad is not None
