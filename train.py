@@ -130,12 +130,15 @@ def barrier(world):
         torch.distributed.barrier()
 
 
-def load_models(args, device):
+def load_models(args, device, frozen_dtype):
+    """The pipeline (frozen VAE and text encoder in `frozen_dtype`, the trained transformer in float32 master
+    weights) and the frozen teacher."""
     from videorepa.models import build_tiny_pipeline, load_pipeline
     from videorepa.teachers import load_teacher
 
     cfg = args.preset_config
-    pipe = build_tiny_pipeline(args.seed) if args.model is None else load_pipeline(args.model)
+    pipe = build_tiny_pipeline(args.seed) if args.model is None else load_pipeline(args.model, frozen_dtype)
+    pipe.transformer.to(torch.float32)
     teacher = load_teacher(args.teacher, args.teacher_path, cfg.teacher_height, cfg.teacher_width, cfg.num_frames)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
@@ -300,7 +303,7 @@ def main(argv=None):
         args.mixed_precision == "auto" and device.type == "cuda") else None
     attention = resolve_attention(args.attention, device, autocast_dtype or torch.float32)
 
-    pipe, teacher = load_models(args, device)
+    pipe, teacher = load_models(args, device, autocast_dtype or torch.float32)
     dataset = build_dataset(args, rank, world, pipe, teacher, device)
     if args.lora_rank and args.model is None and rank == 0 and not os.path.isdir(base_model_dir(args)):
         pipe.save_pretrained(base_model_dir(args))  # before the adapters wrap its layers
