@@ -75,6 +75,7 @@ def parse_args(argv=None):
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--attention", choices=ATTENTION, default="auto")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--vae-tiling", action="store_true", help="encode clips in tiles: less memory at 49×480×720")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default="runs/tiny", help="default: runs/tiny")
     g.add_argument("--checkpoint-every", type=int, default=100)
@@ -137,13 +138,15 @@ def load_models(args, device, frozen_dtype):
     from videorepa.teachers import load_teacher
 
     cfg = args.preset_config
-    pipe = build_tiny_pipeline(args.seed) if args.model is None else load_pipeline(args.model, frozen_dtype)
-    pipe.transformer.to(torch.float32)
+    if args.model is None:
+        pipe = build_tiny_pipeline(args.seed)  # float32 throughout
+    else:
+        pipe = load_pipeline(args.model, {"transformer": torch.float32, "default": frozen_dtype})
     teacher = load_teacher(args.teacher, args.teacher_path, cfg.teacher_height, cfg.teacher_width, cfg.num_frames)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
-    if args.model is not None:
-        pipe.vae.enable_tiling()  # 49×480×720 clips: encode in tiles rather than in one block of activations
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
     pipe.to(device)
     return pipe, teacher.to(device)
 

@@ -193,3 +193,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, clips, mo
     weights = load_file(tmp_path / "checkpoint-2" / "trainable.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not os.path.exists(tmp_path / "final")
+
+
+def test_training_from_a_local_pipeline_directory(tmp_path, clips):
+    # --model with a saved pipeline: frozen parts load in the autocast dtype, the transformer in float32.
+    run_train(tmp_path / "first", "--max-steps", "1", data=clips)
+    run_train(tmp_path / "second", "--max-steps", "2", "--model", str(tmp_path / "first" / "final"),
+              "--mixed-precision", "bf16", data=clips)
+    assert [r["step"] for r in metrics(tmp_path / "second")] == [1, 2]
+    final = tmp_path / "second" / "final"
+    vae = load_file(final / "vae" / "diffusion_pytorch_model.safetensors")
+    transformer = load_file(final / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in vae.values()} == {torch.bfloat16}
+    assert {v.dtype for v in transformer.values()} == {torch.float32}

@@ -63,8 +63,9 @@ def build_tiny_pipeline(seed: int = 0):
                              scheduler=scheduler)
 
 
-def load_pipeline(path: str, dtype: torch.dtype = torch.float32):
-    """A local CogVideoX pipeline directory (model_index.json at its root)."""
+def load_pipeline(path: str, dtype: torch.dtype | dict = torch.float32):
+    """A local CogVideoX pipeline directory (model_index.json at its root); `dtype` may map component names to
+    dtypes, with "default" for the rest."""
     from diffusers import CogVideoXPipeline
 
     if not os.path.isfile(os.path.join(path, "model_index.json")):
