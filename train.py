@@ -373,7 +373,10 @@ def main(argv=None):
             with sync:
                 with autocast, attention_kernel(attention):
                     out = trained(latents, embeds, teacher_tokens, rotary_embeddings(pipe, latents), generator)
-                if not torch.isfinite(out["loss"]):
+                finite = torch.isfinite(out["loss"].detach()).float()
+                if ddp:  # every rank stops together, instead of the others waiting in the gradient all-reduce
+                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+                if not finite:
                     raise FloatingPointError(
                         f"non-finite loss at step {step + 1} (diffusion {out['loss_diffusion'].item():.4g}, "
                         f"align {out['loss_align'].item():.4g}); the last checkpoint in {args.output_dir} is intact")
