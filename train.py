@@ -27,6 +27,7 @@ from videorepa.attention import ATTENTION, attention_kernel, resolve_attention
 from videorepa.checkpoint import latest_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from videorepa.data import BatchOrder, PositionedDataset, VideoCaptionDataset, collate, read_captions
 from videorepa.kernels import BACKENDS, MODES
+from videorepa.parallel import gather_state, no_gradient_sync, wrap
 from videorepa.presets import PRESETS, get_preset
 from videorepa.teachers import TEACHERS
 from videorepa.training import ALIGN_LOSSES
@@ -74,6 +75,8 @@ def parse_args(argv=None):
                    help="auto: bf16 autocast on CUDA, float32 on CPU")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--attention", choices=ATTENTION, default="auto")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer "
+                   "state across ranks (FSDP2) instead of replicating them (DDP); full finetunes only")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--vae-tiling", action="store_true", help="encode clips in tiles: less memory at 49×480×720")
     g = p.add_argument_group("outputs")
@@ -95,6 +98,8 @@ def parse_args(argv=None):
     for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.fsdp and args.lora_rank:
+        fail("--fsdp shards a full finetune; LoRA adapters are small enough for DDP (drop --fsdp)")
     if args.lora_rank < 0 or args.margin < 0 or args.trd_weight < 0 or args.warmup_steps < 0:
         fail("--lora-rank, --margin, --trd-weight and --warmup-steps must be >= 0")
     args.preset_config = get_preset(args.preset, num_frames=args.num_frames, height=args.height, width=args.width,
@@ -222,33 +227,40 @@ def encode_inputs(pipe, teacher, video, captions, device):
 # ---------------------------------------------------------------------------------------------------- state
 
 
-def trainable_state(model) -> dict:
-    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+def gather_objects(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
-def write_checkpoint(folder, model, optimizer, lr_schedule, step, position, generator, skipped):
+def write_checkpoint(folder, weights, optim, lr_schedule, step, position, rank_states, skipped):
     from safetensors.torch import save_file
 
-    save_file({k: v.cpu() for k, v in trainable_state(model).items()}, os.path.join(folder, "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(), "step": step,
-                "position": position, "generator": generator.get_state(), "rng": rng_states(), "skipped": skipped},
-               os.path.join(folder, "training_state.pt"))
+    save_file(weights, os.path.join(folder, "trainable.safetensors"))
+    torch.save({"optimizer": optim, "lr_schedule": lr_schedule.state_dict(), "step": step, "position": position,
+                "ranks": rank_states, "skipped": skipped}, os.path.join(folder, "training_state.pt"))
 
 
-def read_checkpoint(folder, model, optimizer, lr_schedule, generator):
+def read_checkpoint(folder, model, optimizer, lr_schedule, generator, rank, world):
     from safetensors.torch import load_file
 
+    from videorepa.parallel import restore_state, trainable_names
+
     weights = load_file(os.path.join(folder, "trainable.safetensors"))
-    expected = trainable_state(model).keys()
-    if weights.keys() != expected:
+    if weights.keys() != trainable_names(model):
         raise ValueError(f"checkpoint {folder} does not match this model's trainable parameters "
                          f"(LoRA rank, preset or align loss changed?)")
-    model.load_state_dict(weights, strict=False)
     state = torch.load(os.path.join(folder, "training_state.pt"), map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    restore_state(model, optimizer, weights, state["optimizer"])
     lr_schedule.load_state_dict(state["lr_schedule"])
-    generator.set_state(state["generator"])
-    restore_rng_states(state["rng"])
+    ranks = state["ranks"]  # each rank's own noise generator and RNG states
+    if len(ranks) != world:
+        log.warning("checkpoint written by %d processes, resumed by %d: the random streams restart per rank",
+                    len(ranks), world)
+    generator.set_state(ranks[rank % len(ranks)]["generator"])
+    restore_rng_states(ranks[rank % len(ranks)]["rng"])
     return state["step"], tuple(state["position"]), state["skipped"]
 
 
@@ -257,12 +269,19 @@ def base_model_dir(args) -> str:
     return os.path.join(args.output_dir, "base-model")
 
 
-def save_final(args, pipe, model):
-    """OUT/final: a stock-loadable pipeline (full) or LoRA weights + the base path; heads beside it."""
+def save_final(args, pipe, model, weights):
+    """OUT/final: a stock-loadable pipeline (full) or LoRA weights + the base path; heads beside it. `weights` are
+    the gathered trainable weights (the only full copy of a sharded model)."""
     from diffusers import CogVideoXPipeline
 
     final = os.path.join(args.output_dir, "final")
     transformer = model.transformer
+    if args.fsdp:  # a plain copy of the sharded transformer for save_pretrained
+        sharded = transformer
+        transformer = type(sharded).from_config(sharded.config)
+        prefix = "transformer."
+        transformer.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+        pipe.transformer = transformer
     if args.lora_rank:
         from peft.utils import get_peft_model_state_dict
 
@@ -272,11 +291,12 @@ def save_final(args, pipe, model):
             json.dump({"base_model": os.path.abspath(base), "lora_rank": args.lora_rank}, f, indent=1)
     else:
         pipe.save_pretrained(final)
-    torch.save(model.aligner.state_dict(), os.path.join(args.output_dir, "alignment-heads.pt"))
+    heads = {k[len("aligner."):]: v for k, v in weights.items() if k.startswith("aligner.")}
+    torch.save(heads, os.path.join(args.output_dir, "alignment-heads.pt"))
     return final
 
 
-def write_validation_videos(args, pipe, step, device):
+def write_validation_videos(args, pipe, step, device, write=True):
     from videorepa.models import text_length
     from videorepa.video_io import write_video
 
@@ -288,7 +308,8 @@ def write_validation_videos(args, pipe, step, device):
         frames = pipe(prompt, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width,
                       num_inference_steps=args.validation_steps, output_type="np", max_sequence_length=text_length(pipe),
                       generator=torch.Generator().manual_seed(args.seed)).frames[0]
-        write_video(os.path.join(folder, f"step-{step:06d}-{i}.mp4"), (frames * 255).round().astype("uint8"))
+        if write:
+            write_video(os.path.join(folder, f"step-{step:06d}-{i}.mp4"), (frames * 255).round().astype("uint8"))
     pipe.transformer.train()
 
 
@@ -299,7 +320,7 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     rank, world, device = setup_distributed()
-    torch.manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (FSDP shards them as they are)
     cfg = args.preset_config
     os.makedirs(args.output_dir, exist_ok=True)
     autocast_dtype = torch.bfloat16 if args.mixed_precision == "bf16" or (
@@ -319,6 +340,8 @@ def main(argv=None):
 
     model = VideoREPAModel(pipe.transformer, pipe.scheduler, aligner, cfg.align_layer, args.align_loss,
                            args.trd_weight, args.margin, args.trd_mode, args.trd_backend)
+    parallel = "fsdp" if args.fsdp and world > 1 else "ddp" if world > 1 else "single"
+    trained = wrap(model, parallel, device, world, find_unused=args.align_loss == "none")
     lr = args.learning_rate or (cfg.lora_learning_rate if args.lora_rank else cfg.learning_rate)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -328,14 +351,11 @@ def main(argv=None):
     step, position, skipped = 0, (0, 0), {}
     resume = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
     if resume:
-        step, position, skipped = read_checkpoint(resume, model, optimizer, lr_schedule, generator)
+        step, position, skipped = read_checkpoint(resume, model, optimizer, lr_schedule, generator, rank, world)
         log.info("resumed from %s at step %d", resume, step)
     elif args.resume:
         log.info("--resume latest: no checkpoint in %s, starting fresh", args.output_dir)
 
-    ddp = world > 1
-    trained = torch.nn.parallel.DistributedDataParallel(
-        model, find_unused_parameters=args.align_loss == "none") if ddp else model
     order = BatchOrder(len(dataset), args.batch_size, args.seed, rank, world)
     order.position = position
     loader = torch.utils.data.DataLoader(PositionedDataset(dataset), batch_sampler=order, collate_fn=collate,
@@ -366,15 +386,15 @@ def main(argv=None):
                 latent_dist, embeds, teacher_tokens = encode_inputs(pipe, teacher, batch["video"].to(device),
                                                                     batch["caption"], device)
             latents = sample_latents(pipe.vae, latent_dist, generator)
-            sync = contextlib.nullcontext() if not ddp or micro == args.gradient_accumulation_steps - 1 \
-                else trained.no_sync()
+            sync = contextlib.nullcontext() if micro == args.gradient_accumulation_steps - 1 \
+                else no_gradient_sync(trained, parallel)
             autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype \
                 else contextlib.nullcontext()
             with sync:
                 with autocast, attention_kernel(attention):
                     out = trained(latents, embeds, teacher_tokens, rotary_embeddings(pipe, latents), generator)
                 finite = torch.isfinite(out["loss"].detach()).float()
-                if ddp:  # every rank stops together, instead of the others waiting in the gradient all-reduce
+                if world > 1:  # every rank stops together, instead of the others waiting in the gradient all-reduce
                     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
                 if not finite:
                     raise FloatingPointError(
@@ -399,16 +419,21 @@ def main(argv=None):
             progress.set_postfix(loss=f"{row['loss']:.4f}", align=f"{row['loss_align']:.4f}")
             progress.update(1)
         if step % args.checkpoint_every == 0 or step == args.max_steps:
+            # Collectives: every rank takes part, rank 0 writes.
+            weights, optim = gather_state(model, optimizer)
+            rank_states = gather_objects({"generator": generator.get_state(), "rng": rng_states()}, world)
+            all_skipped = {k: v for part in gather_objects(skipped, world) for k, v in part.items()}
             if rank == 0:
                 save_checkpoint(args.output_dir, step, lambda folder: write_checkpoint(
-                    folder, model, optimizer, lr_schedule, step, position, generator, skipped),
+                    folder, weights, optim, lr_schedule, step, position, rank_states, all_skipped),
                     args.checkpoints_total_limit)
             barrier(world)
-        if args.validation_every and step % args.validation_every == 0 and rank == 0:
-            write_validation_videos(args, pipe, step, device)
+        if args.validation_every and step % args.validation_every == 0 and (rank == 0 or parallel == "fsdp"):
+            write_validation_videos(args, pipe, step, device, write=rank == 0)  # sharded: every rank samples
     progress.close()
+    weights, _ = gather_state(model)
     if rank == 0:
-        final = save_final(args, pipe, model)
+        final = save_final(args, pipe, model, weights)
         log.info("done: %d steps, %d clips skipped; final weights in %s", step, len(skipped), final)
         metrics.close()
     barrier(world)

@@ -1,0 +1,76 @@
+"""Data parallelism for train.py: DDP (replicated weights) or FSDP (weights, gradients and optimizer state sharded
+across ranks, for full finetunes too big to replicate, like CogVideoX-5B), and full-state save/restore that works
+the same for a plain, a DDP and an FSDP model.
+"""
+
+import contextlib
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def shard(model: torch.nn.Module, device: torch.device, world: int) -> None:
+    """FSDP2 in place: each transformer block is its own shard unit, the rest (embeddings, heads) the root's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    for block in model.transformer.transformer_blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def wrap(model: torch.nn.Module, mode: str, device: torch.device, world: int, find_unused: bool):
+    """The module to call for training: the model itself (single process, or FSDP, which shards in place) or DDP."""
+    if mode == "fsdp":
+        shard(model, device, world)
+        return model
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused)
+    return model
+
+
+def no_gradient_sync(trained, mode: str):
+    """Context for gradient-accumulation micro-steps that must not all-reduce yet."""
+    if mode == "ddp":
+        return trained.no_sync()
+    if mode == "fsdp":
+        return _fsdp_no_sync(trained)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def gather_state(model: torch.nn.Module, optimizer=None):
+    """(trainable weights, optimizer state), full and on CPU, keyed by parameter name. A collective under FSDP:
+    every rank calls it; ranks other than 0 get empty dicts."""
+    names = trainable_names(model)
+    weights = {k: v.contiguous() for k, v in get_model_state_dict(model, options=FULL).items() if k in names}
+    optim = get_optimizer_state_dict(model, optimizer, options=FULL) if optimizer is not None else None
+    return weights, optim
+
+
+def restore_state(model: torch.nn.Module, optimizer, weights: dict, optim: dict) -> None:
+    """Inverse of gather_state; every rank passes the full state."""
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
