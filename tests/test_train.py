@@ -187,7 +187,9 @@ def test_torchrun_two_cpu_processes_resume_exactly(tmp_path, clips, sharding):
 
 def test_fsdp_trains_like_ddp(tmp_path, clips):
     ddp = torchrun(tmp_path / "ddp", clips, "--max-steps", "2", port=29761)
-    fsdp = torchrun(tmp_path / "fsdp", clips, "--max-steps", "2", "--fsdp", port=29762)
+    fsdp = torchrun(tmp_path / "fsdp", clips, "--max-steps", "2", "--fsdp", "--validation-every", "2",
+                    "--validation-steps", "2", port=29762)
+    assert os.listdir(tmp_path / "fsdp" / "validation") == ["step-000002-0.mp4"]  # every rank samples, one writes
     assert ddp.keys() == fsdp.keys()
     for key in ddp:
         # The same averaged gradients, reduced in another order: AdamW's normalised steps (lr 1e-3) can turn that

@@ -18,13 +18,15 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def shard(model: torch.nn.Module, device: torch.device, world: int) -> None:
-    """FSDP2 in place: each transformer block is its own shard unit, the rest (embeddings, heads) the root's."""
+    """FSDP2 in place: each transformer block is a shard unit, the transformer's remaining layers another (so the
+    pipeline can call the transformer alone, for validation videos), the alignment heads the root's."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (world,))
     for block in model.transformer.transformer_blocks:
         fully_shard(block, mesh=mesh)
+    fully_shard(model.transformer, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 
