@@ -26,7 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from videorepa.kernels import count_pairs, trd_loss  # noqa: E402
 from videorepa.memory import PeakMemory  # noqa: E402
 
-IMPLS = {"fused": "triton", "torch": "torch", "naive": "naive", "compiled": "naive"}
+# impl -> (trd_loss backend, deterministic): "fused-symmetric" is the Triton kernel's upper-triangle schedule.
+IMPLS = {"fused": ("triton", True), "fused-symmetric": ("triton", False), "torch": ("torch", True),
+         "naive": ("naive", True), "compiled": ("naive", True)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -79,7 +81,8 @@ def make_step(impl: str, mode: str, shape: Shape, backward: bool):
     frame = None if mode == "full" else shape.tokens_per_frame
 
     def loss_fn(s, t):
-        return trd_loss(s, t, 0.1, mode, frame, backend=IMPLS[impl])
+        backend, deterministic = IMPLS[impl]
+        return trd_loss(s, t, 0.1, mode, frame, backend=backend, deterministic=deterministic)
 
     if impl == "compiled":
         torch._dynamo.reset()  # a fresh compile per measurement, clear of the recompile limit
@@ -306,7 +309,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a few small shapes: a smoke run in a minute")
-    p.add_argument("--impls", nargs="+", choices=list(IMPLS), help="default: all (fused only on cuda)")
+    p.add_argument("--impls", nargs="+", choices=list(IMPLS), help="default: all (the fused ones only on cuda)")
     p.add_argument("--modes", nargs="+", choices=["full", "spatial", "temporal"], default=["full", "spatial", "temporal"])
     p.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: bf16 and fp32 on cuda, fp32 on cpu")
@@ -322,7 +325,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
-    args.impls = args.impls or ([i for i in IMPLS if args.device == "cuda" or i != "fused"])
+    args.impls = args.impls or [i for i in IMPLS if args.device == "cuda" or IMPLS[i][0] != "triton"]
     args.dtypes = args.dtypes or (["bf16", "fp32"] if args.device == "cuda" else ["fp32"])
     args.shapes = sweep(args.sweep) if args.sweep else default_shapes(args.device, args.quick)
     return args
