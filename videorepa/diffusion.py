@@ -21,7 +21,7 @@ def sample_latents(vae, parameters: torch.Tensor, generator=None) -> torch.Tenso
     """A scaled latent sample (B, F', C, H', W') from cached distribution parameters."""
     mean, logvar = parameters.float().chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    noise = torch.randn(mean.shape, generator=generator).to(mean)  # the CPU generator keeps one stream anywhere
     return ((mean + std * noise) * vae.config.scaling_factor).permute(0, 2, 1, 3, 4)
 
 
