@@ -16,7 +16,7 @@ import sys
 import torch
 
 from videorepa.attention import ATTENTION, attention_kernel, resolve_attention
-from videorepa.models import text_length
+from videorepa.models import generate_video, text_length
 
 DEFAULT_RUN = os.path.join("runs", "tiny")
 
@@ -132,12 +132,8 @@ def output_paths(args) -> list[tuple[str, int, str]]:
 
 def generate(pipe, prompt, seed, args):
     """uint8 frames (F, H, W, 3)."""
-    frames = pipe(prompt, num_frames=args.num_frames or pipe.transformer.config.sample_frames, height=args.height,
-                  width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                  max_sequence_length=text_length(pipe), generator=torch.Generator().manual_seed(seed),
-                  output_type="np").frames[0]
-    # Floats in [0, 1] become uint8 exactly once here; the writer takes uint8 as is.
-    return (frames * 255).round().clip(0, 255).astype("uint8")
+    return generate_video(pipe, prompt, seed, args.num_frames, args.height, args.width, args.steps,
+                          args.guidance_scale)
 
 
 def main(argv=None):

@@ -297,7 +297,7 @@ def save_final(args, pipe, model, weights):
 
 
 def write_validation_videos(args, pipe, step, device, write=True):
-    from videorepa.models import text_length
+    from videorepa.models import generate_video
     from videorepa.video_io import write_video
 
     cfg = args.preset_config
@@ -305,11 +305,9 @@ def write_validation_videos(args, pipe, step, device, write=True):
     os.makedirs(folder, exist_ok=True)
     pipe.transformer.eval()
     for i, prompt in enumerate(args.validation_prompt or ["A red ball falls and bounces on the floor."]):
-        frames = pipe(prompt, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width,
-                      num_inference_steps=args.validation_steps, output_type="np", max_sequence_length=text_length(pipe),
-                      generator=torch.Generator().manual_seed(args.seed)).frames[0]
+        frames = generate_video(pipe, prompt, args.seed, cfg.num_frames, cfg.height, cfg.width, args.validation_steps)
         if write:
-            write_video(os.path.join(folder, f"step-{step:06d}-{i}.mp4"), (frames * 255).round().astype("uint8"))
+            write_video(os.path.join(folder, f"step-{step:06d}-{i}.mp4"), frames)
     pipe.transformer.train()
 
 

@@ -79,3 +79,13 @@ def load_pipeline(path: str, dtype: torch.dtype | dict = torch.float32):
 def text_length(pipe) -> int:
     """Text tokens the transformer was built for (226 for CogVideoX)."""
     return pipe.transformer.config.max_text_seq_length
+
+
+def generate_video(pipe, prompt: str, seed: int, num_frames: int | None = None, height: int | None = None,
+                   width: int | None = None, steps: int = 50, guidance_scale: float = 6.0):
+    """uint8 frames (F, H, W, 3) from a CogVideoX pipeline; unset sizes default to the model's own."""
+    frames = pipe(prompt, num_frames=num_frames or pipe.transformer.config.sample_frames, height=height, width=width,
+                  num_inference_steps=steps, guidance_scale=guidance_scale, max_sequence_length=text_length(pipe),
+                  generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
+    # Floats in [0, 1] become uint8 exactly once, here; the video writer takes uint8 as is.
+    return (frames * 255).round().clip(0, 255).astype("uint8")
