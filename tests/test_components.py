@@ -261,3 +261,18 @@ def test_training_step_with_rotary_positions_as_cogvideox_5b():
                 torch.Generator().manual_seed(0))
     out["loss"].backward()
     assert out["loss_align"] > 0 and pipe.transformer.transformer_blocks[0].attn1.to_q.weight.grad is not None
+
+
+def test_atomic_path_leaves_old_file_on_failure(tmp_path):
+    from videorepa.files import atomic_path
+
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(str(target)) as tmp, open(tmp, "w") as f:
+            f.write("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["a.txt"]
+    with atomic_path(str(target)) as tmp, open(tmp, "w") as f:
+        f.write("new")
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["a.txt"]

@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from .files import atomic_path
+
 
 class FeatureCache:
     def __init__(self, folder: str, config: dict):
@@ -35,21 +37,18 @@ class FeatureCache:
                 return {"error": f.read()}
         return None
 
-    def _write(self, path: str, save) -> None:
+    def _new_entry(self, key: str, ext: str):
+        path = self._path(key, ext)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        save(tmp)
-        os.replace(tmp, path)  # atomic: a reader sees all of an entry or none of it
+        return atomic_path(path)  # a reader sees all of an entry or none of it
 
     def store(self, key: str, tensors: dict) -> None:
-        self._write(self._path(key, "pt"), lambda p: torch.save({k: v.cpu().contiguous() for k, v in tensors.items()}, p))
+        with self._new_entry(key, "pt") as tmp:
+            torch.save({k: v.cpu().contiguous() for k, v in tensors.items()}, tmp)
 
     def store_error(self, key: str, reason: str) -> None:
-        def save(p):
-            with open(p, "w", encoding="utf-8") as f:
-                f.write(reason)
-
-        self._write(self._path(key, "error"), save)
+        with self._new_entry(key, "error") as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(reason)
 
 
 class CachedDataset(torch.utils.data.Dataset):

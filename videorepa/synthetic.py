@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .files import atomic_path
 from .video_io import write_video
 
 COLORS = {"red": (220, 50, 40), "blue": (40, 90, 220), "green": (40, 170, 70), "yellow": (230, 200, 40),
@@ -112,9 +113,8 @@ def write_dataset(folder: str, num_clips: int = 16, seed: int = 0, **clip_args) 
         name = os.path.join("videos", f"clip_{seed + i:05d}.mp4")
         write_video(os.path.join(folder, name), frames, fps=clip_args.get("fps", 8))
         rows.append({"video": name, "caption": caption})
-    with open(csv_path + ".tmp", "w", newline="") as f:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["video", "caption"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(csv_path + ".tmp", csv_path)
     return csv_path

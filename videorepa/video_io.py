@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 
+from .files import atomic_path
+
 
 class VideoReadError(Exception):
     """A video that cannot be decoded."""
@@ -32,9 +34,8 @@ def write_video(path: str, frames: np.ndarray, fps: int = 8, lossless: bool = Fa
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
     ext = os.path.splitext(path)[1].lower()
-    tmp = f"{path}.tmp{ext}"
     height, width = frames.shape[1:3]
-    with av.open(tmp, "w") as container:
+    with atomic_path(path) as tmp, av.open(tmp, "w") as container:
         if ext == ".gif":
             stream = container.add_stream("gif", rate=fps)
             stream.pix_fmt = "rgb8"
@@ -54,4 +55,3 @@ def write_video(path: str, frames: np.ndarray, fps: int = 8, lossless: bool = Fa
                 frame = np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())
-    os.replace(tmp, path)
