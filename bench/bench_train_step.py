@@ -12,15 +12,13 @@ block 18, with the paper's token matching (N = 3,600) and with the teacher at th
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_trd import environment, is_oom  # noqa: E402
+from bench_trd import environment, is_oom, wall_clock_ms  # noqa: E402
 from videorepa.alignment import TokenAligner  # noqa: E402
 from videorepa.memory import PeakMemory  # noqa: E402
 from videorepa.models import build_scheduler, build_transformer  # noqa: E402
@@ -68,15 +66,10 @@ def measure(model, batch_inputs, device, steps: int):
         return out
 
     step()  # warm-up: autotuning, allocator
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        out = step()
-        times.append((time.perf_counter() - start) * 1e3)
+    ms, p20, p80 = wall_clock_ms(step, steps)
     with PeakMemory(device) as mem:
-        step()
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    return {"ms": statistics.median(times), "ms_p20": q[1], "ms_p80": q[7], "peak_mib": round(mem.peak_mib, 1),
+        out = step()
+    return {"ms": ms, "ms_p20": p20, "ms_p80": p80, "peak_mib": round(mem.peak_mib, 1),
             "loss_trd": out["loss_align"].item()}
 
 

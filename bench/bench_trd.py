@@ -134,11 +134,12 @@ def time_ms(step, input_sets, device, backward, repeats):
         import triton
 
         return tuple(triton.testing.do_bench(run, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
+    return wall_clock_ms(run, repeats)
+
+
+def wall_clock_ms(fn, repeats: int):
+    """(median, p20, p80) wall-clock milliseconds of `repeats` calls (fn must synchronise its device itself)."""
+    times = [_wall_ms(fn) for _ in range(repeats)]
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
     return statistics.median(times), q[1], q[7]
 
