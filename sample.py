@@ -17,6 +17,7 @@ import torch
 
 from videorepa.attention import ATTENTION, attention_kernel, resolve_attention
 from videorepa.models import generate_video, text_length
+from videorepa.presets import video_size_error
 
 DEFAULT_RUN = os.path.join("runs", "tiny")
 
@@ -59,12 +60,9 @@ def parse_args(argv=None):
     args.prompt = args.prompt or ["A red ball falls and bounces on the floor."]
     if args.output and len(args.prompt) * len(args.seed) > 1:
         p.error("--output takes one prompt and one seed; use --output-dir for several")
-    if args.num_frames is not None and (args.num_frames < 5 or (args.num_frames - 1) % 4):
-        p.error(f"--num-frames must be 4k + 1 and at least 5 (CogVideoX's VAE), got {args.num_frames}")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 16):
-            p.error(f"--{name} must be a positive multiple of 16, got {value}")
+    size_error = video_size_error(args.num_frames, args.height, args.width)
+    if size_error:
+        p.error(size_error)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
     return args

@@ -28,7 +28,7 @@ from videorepa.checkpoint import latest_checkpoint, restore_rng_states, rng_stat
 from videorepa.data import BatchOrder, PositionedDataset, VideoCaptionDataset, collate, read_captions
 from videorepa.kernels import BACKENDS, MODES
 from videorepa.parallel import gather_state, no_gradient_sync, wrap
-from videorepa.presets import PRESETS, get_preset
+from videorepa.presets import PRESETS, get_preset, video_size_error
 from videorepa.teachers import TEACHERS
 from videorepa.training import ALIGN_LOSSES
 
@@ -105,10 +105,9 @@ def parse_args(argv=None):
     args.preset_config = get_preset(args.preset, num_frames=args.num_frames, height=args.height, width=args.width,
                                     align_layer=args.align_layer)
     cfg = args.preset_config
-    if (cfg.num_frames - 1) % 4 or cfg.num_frames < 5:
-        fail(f"--num-frames must be 4k + 1 and at least 5 (CogVideoX's VAE), got {cfg.num_frames}")
-    if cfg.height % 16 or cfg.width % 16:
-        fail(f"--height and --width must be multiples of 16, got {cfg.height}×{cfg.width}")
+    size_error = video_size_error(cfg.num_frames, cfg.height, cfg.width)
+    if size_error:
+        fail(size_error)
     if args.data and not os.path.isfile(args.data):
         fail(f"--data {args.data!r}: no such file")
     if args.resume and args.resume != "latest" and not os.path.isdir(args.resume):

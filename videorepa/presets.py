@@ -32,3 +32,14 @@ def get_preset(name: str, **overrides) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def video_size_error(num_frames: int | None, height: int | None, width: int | None) -> str | None:
+    """Why CogVideoX cannot take this video size (unset values pass), or None: the VAE needs 4k + 1 frames and
+    sides that are multiples of 16 (×8 in the VAE, then 2×2 patches)."""
+    if num_frames is not None and (num_frames < 5 or (num_frames - 1) % 4):
+        return f"--num-frames must be 4k + 1 and at least 5 (CogVideoX's VAE), got {num_frames}"
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value <= 0 or value % 16):
+            return f"--{name} must be a positive multiple of 16 (multiples of 16 fit the VAE and patches), got {value}"
+    return None
