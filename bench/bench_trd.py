@@ -230,6 +230,10 @@ def run_benchmarks(args) -> list[dict]:
                                 row["max_rel_err"] = relative_error(step, *input_sets[0], reference, backward)
                             ms, p20, p80 = time_ms(step, input_sets, device, backward, args.repeats)
                             row.update(ms=ms, ms_p20=p20, ms_p80=p80, peak_mib=peak_mib(step, *input_sets[0], device, impl))
+                            if IMPLS[impl][0] == "triton" and device == "cuda":
+                                from videorepa.kernels import trd_triton
+
+                                row["config"] = str(trd_triton._trd_kernel_tuned.best_config)  # the autotuner's pick
                         except Exception as err:  # noqa: BLE001
                             if not is_oom(err):
                                 raise

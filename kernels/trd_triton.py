@@ -41,10 +41,9 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _gram_tile(X, b, rows, cols, row_ok, col_ok, r_rows, r_cols, D, stride_b, stride_n, stride_d,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """x̂_rows · x̂_colsᵀ for one tile, float32."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+def _gram_acc(X, b, rows, cols, row_ok, col_ok, acc, D, stride_b, stride_n, stride_d,
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + x_rows · x_colsᵀ for one tile (unnormalised tokens), float32."""
     base = X + b * stride_b
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -54,7 +53,7 @@ def _gram_tile(X, b, rows, cols, row_ok, col_ok, r_rows, r_cols, D, stride_b, st
         bt = tl.load(base + cols[None, :] * stride_n + ks[:, None] * stride_d,
                      mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = _dot(a, bt, acc, PRECISION)
-    return acc * r_rows[:, None] * r_cols[None, :]
+    return acc
 
 
 @triton.jit
@@ -71,15 +70,13 @@ def _add_rows(OUT, X, b, out_rows, out_ok, src_rows, src_ok, w, accumulate, D,
         d_ok = ds < D
         x = tl.load(src + src_rows[:, None] * stride_n + ds[None, :] * stride_d,
                     mask=src_ok[:, None] & d_ok[None, :], other=0.0)
-        part = _dot(w, x, tl.zeros((w.shape[0], BLOCK_D), dtype=tl.float32), PRECISION)
         ptrs = dst + out_rows[:, None] * out_stride_n + ds[None, :]
         mask = out_ok[:, None] & d_ok[None, :]
         if ATOMIC:
-            tl.atomic_add(ptrs, part, mask=mask)
+            tl.atomic_add(ptrs, _dot(w, x, tl.zeros((w.shape[0], BLOCK_D), dtype=tl.float32), PRECISION), mask=mask)
         else:
-            if accumulate:
-                part += tl.load(ptrs, mask=mask, other=0.0)
-            tl.store(ptrs, part, mask=mask)
+            # The rows so far are the matmul's accumulator (zeros on the first visit): no second tile in registers.
+            tl.store(ptrs, _dot(w, x, tl.load(ptrs, mask=mask & accumulate, other=0.0), PRECISION), mask=mask)
 
 
 @triton.jit
@@ -97,8 +94,10 @@ def _trd_kernel(
     m0 = pid_m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < N
-    rs_rows = tl.load(RS + b * N + rows, mask=row_ok, other=0.0)
-    rt_rows = tl.load(RT + b * N + rows, mask=row_ok, other=0.0)
+    # Masked rows and columns read inverse norms of 1, which keeps the ratios below finite; nothing they touch
+    # survives the `keep` mask.
+    rs_rows = tl.load(RS + b * N + rows, mask=row_ok, other=1.0)
+    rt_rows = tl.load(RT + b * N + rows, mask=row_ok, other=1.0)
     row_frame = rows // FRAME
 
     if MODE == 1:  # spatial: only the columns of the frames that rows m0 .. m0+BLOCK_M-1 lie in
@@ -114,12 +113,17 @@ def _trd_kernel(
     for j0 in range(j_lo, j_hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         col_ok = cols < j_hi
-        rs_cols = tl.load(RS + b * N + cols, mask=col_ok, other=0.0)
-        rt_cols = tl.load(RT + b * N + cols, mask=col_ok, other=0.0)
-        delta = _gram_tile(S, b, rows, cols, row_ok, col_ok, rs_rows, rs_cols, DS, s_stride_b, s_stride_n,
-                           s_stride_d, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION_S)
-        delta -= _gram_tile(T, b, rows, cols, row_ok, col_ok, rt_rows, rt_cols, DT, t_stride_b, t_stride_n,
-                            t_stride_d, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION_T)
+        rs_cols = tl.load(RS + b * N + cols, mask=col_ok, other=1.0)
+        rt_cols = tl.load(RT + b * N + cols, mask=col_ok, other=1.0)
+        # Δ = rs_i rs_j (S_ij − T_ij · (rt_i/rs_i)(rt_j/rs_j)): the teacher's Gram, rescaled to the student's
+        # magnitude, seeds the student's, so one float32 accumulator holds the tile instead of two. Scaling by the
+        # row ratio and then the column ratio (never their product first) cannot underflow while Δ is in range.
+        delta = _gram_acc(T, b, rows, cols, row_ok, col_ok, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DT,
+                          t_stride_b, t_stride_n, t_stride_d, BLOCK_K, PRECISION_T)
+        delta = -delta * (rt_rows / rs_rows)[:, None] * (rt_cols / rs_cols)[None, :]
+        delta = _gram_acc(S, b, rows, cols, row_ok, col_ok, delta, DS, s_stride_b, s_stride_n, s_stride_d,
+                          BLOCK_K, PRECISION_S)
+        delta *= rs_rows[:, None] * rs_cols[None, :]
         keep = row_ok[:, None] & col_ok[None, :]
         if MODE == 1:
             keep &= row_frame[:, None] == (cols // FRAME)[None, :]
@@ -136,7 +140,7 @@ def _trd_kernel(
 
         if GRAD_S or GRAD_T:
             g = tl.where(active, tl.where(delta > 0, 1.0, -1.0), 0.0)
-            accumulate = j0 > j_lo
+            accumulate = tl.full((1,), j0, tl.int32) > j_lo  # a tensor, so it can join load masks
             # Row side: rows I gain Σ_j g_ij x̂_j = (g·diag(r_J)) @ X_J.
             if GRAD_S:
                 _add_rows(GS, S, b, rows, row_ok, cols, col_ok, g * rs_cols[None, :], accumulate, DS, s_stride_b,
@@ -160,23 +164,40 @@ def _trd_kernel(
     tl.store(LOSS_ROWS + b * N + rows, loss_rows, mask=row_ok)
 
 
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+            for bm, bn, bk, bd, w, st in shapes]
+
+
+# Chosen from ahead-of-time sm_90 compiles (bench/compile_report.py, bench/NOTES.md v3): for 16-bit inputs every
+# tile shape here keeps the bf16 training case (deterministic, student gradient) free of register spills.
+_CONFIGS_16BIT = _configs([
+    (128, 128, 64, 64, 8, 3),
+    (128, 64, 64, 64, 8, 3),
+    (128, 64, 64, 32, 8, 4),
+    (64, 128, 64, 64, 4, 3),
+    (64, 64, 64, 64, 4, 4),
+])
+# Three-TF32 dots hold high and low parts of both operands: only narrow K and D chunks stay near spill-free.
+_CONFIGS_FP32 = _configs([
+    (128, 64, 32, 32, 8, 4),
+    (128, 64, 32, 32, 8, 2),
+    (64, 64, 32, 32, 4, 4),
+])
+_CONFIGS = _CONFIGS_16BIT + _CONFIGS_FP32
+
+
+def candidate_configs(student_dtype: torch.dtype, teacher_dtype: torch.dtype, tokens: int) -> list:
+    """The autotune configs worth timing: the float32 family when either input is float32 (its dots are three-TF32
+    wherever it is), and no tile much taller than the problem (a 128-row tile on N = 40 only multiplies zeros)."""
+    family = _CONFIGS_FP32 if torch.float32 in (student_dtype, teacher_dtype) else _CONFIGS_16BIT
+    fitting = [c for c in family if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(tokens))]
+    return fitting or [min(family, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles much taller than the problem: a 128-row tile on N = 40 tokens only multiplies zeros."""
-    n = named_args["N"]
-    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(n))]
-    return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return candidate_configs(named_args["S"].dtype, named_args["T"].dtype, named_args["N"])
 
-
-_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-    for bm, bn, bd, w, st in [
-        (128, 64, 64, 8, 3),
-        (128, 128, 64, 8, 3),
-        (64, 64, 128, 4, 3),
-        (64, 128, 64, 4, 3),
-        (64, 64, 64, 4, 4),
-    ]
-]
 
 # N enters the key bucketed (N_BUCKET = next power of two), so a new N of similar size reuses the tuned config.
 _trd_kernel_tuned = triton.autotune(
@@ -199,11 +220,29 @@ def _gradient_buffer(shape, device, symmetric: bool) -> torch.Tensor:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs get true float32 products: TF32 rounding (10-bit mantissa) would move Gram entries by ~1e-3
-    # and flip pairs that sit near the margin.
+    # float32 inputs need float32-accurate products: plain TF32 (10-bit mantissa) moves Gram entries by ~1e-3 and
+    # flips pairs near the margin. Three TF32 products (hi·hi + hi·lo + lo·hi) match float32's error and keep the
+    # tensor cores; "ieee" would fall back to FMA loops. The interpreter computes every dot in float32 anyway.
     if dtype == torch.float32:
-        return "ieee"
+        return "tf32x3"
     return "widen" if dtype == torch.bfloat16 and interpreter_enabled() else "tf32"
+
+
+def kernel_arguments(problem: TRDProblem, r_s, r_t, loss_rows, grad_s, grad_t, symmetric: bool):
+    """Positional arguments and compile-time flags of one `_trd_kernel` launch; a gradient given as None is one the
+    kernel is compiled not to touch."""
+    s, t = problem.student, problem.teacher
+    # An untouched gradient still needs a pointer argument: the loss buffer stands in.
+    gs = loss_rows if grad_s is None else grad_s
+    gt = loss_rows if grad_t is None else grad_t
+    args = (
+        s, t, r_s, r_t, loss_rows, gs, gt,
+        problem.tokens, s.shape[2], t.shape[2], problem.tokens_per_frame, triton.next_power_of_2(problem.tokens),
+        problem.margin, *s.stride(), *t.stride(), gs.stride(0), gs.stride(1), gt.stride(0), gt.stride(1),
+    )
+    flags = dict(MODE=MODE_IDS[problem.mode], SYMMETRIC=symmetric, GRAD_S=grad_s is not None,
+                 GRAD_T=grad_t is not None, PRECISION_S=_dot_precision(s.dtype), PRECISION_T=_dot_precision(t.dtype))
+    return args, flags
 
 
 def triton_engine(problem: TRDProblem, r_s, r_t, need_s: bool, need_t: bool,
@@ -221,8 +260,7 @@ def triton_engine(problem: TRDProblem, r_s, r_t, need_s: bool, need_t: bool,
     grad_s = _gradient_buffer((batch, tokens, s.shape[2]), device, symmetric) if need_s else None
     grad_t = _gradient_buffer((batch, tokens, t.shape[2]), device, symmetric) if need_t else None
     loss_rows = new_output((batch, tokens), device)
-    # A gradient the kernel is compiled not to touch still needs a pointer argument: the loss buffer stands in.
-    gs, gt = (grad_s if need_s else loss_rows), (grad_t if need_t else loss_rows)
+    args, flags = kernel_arguments(problem, r_s, r_t, loss_rows, grad_s, grad_t, symmetric)
     if config or interpreter_enabled():
         kernel, meta = _trd_kernel, dict(config or INTERPRETER_CONFIG)
     else:
@@ -231,11 +269,5 @@ def triton_engine(problem: TRDProblem, r_s, r_t, need_s: bool, need_t: bool,
     def grid(meta):
         return triton.cdiv(tokens, meta["BLOCK_M"]), batch
 
-    kernel[grid](
-        s, t, r_s, r_t, loss_rows, gs, gt,
-        tokens, s.shape[2], t.shape[2], problem.tokens_per_frame, triton.next_power_of_2(tokens), problem.margin,
-        *s.stride(), *t.stride(), gs.stride(0), gs.stride(1), gt.stride(0), gt.stride(1),
-        MODE=MODE_IDS[problem.mode], SYMMETRIC=symmetric, GRAD_S=need_s, GRAD_T=need_t,
-        PRECISION_S=_dot_precision(s.dtype), PRECISION_T=_dot_precision(t.dtype), **meta,
-    )
+    kernel[grid](*args, **flags, **meta)
     return loss_rows.sum(), grad_s, grad_t

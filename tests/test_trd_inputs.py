@@ -89,10 +89,12 @@ def test_peak_memory_counts_live_tensors_only():
     assert mem.peak_mib == 4.0
 
 
-def test_autotune_prunes_tiles_taller_than_the_problem():
-    from videorepa.kernels.trd_triton import _CONFIGS, _prune_configs
+def test_autotune_candidates_follow_dtype_and_problem_height():
+    from videorepa.kernels.trd_triton import _CONFIGS_16BIT, _CONFIGS_FP32, candidate_configs
 
-    assert {c.kwargs["BLOCK_M"] for c in _prune_configs(_CONFIGS, {"N": 100})} == {64, 128}
-    assert {c.kwargs["BLOCK_M"] for c in _prune_configs(_CONFIGS, {"N": 60})} == {64}
-    small = _prune_configs(_CONFIGS, {"N": 5})
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert candidate_configs(bf16, bf16, 100) == _CONFIGS_16BIT
+    assert candidate_configs(torch.float16, fp32, 4096) == _CONFIGS_FP32  # one float32 input: three-TF32 dots
+    assert {c.kwargs["BLOCK_M"] for c in candidate_configs(bf16, bf16, 60)} == {64}
+    small = candidate_configs(bf16, bf16, 5)
     assert len(small) == 1 and small[0].kwargs["BLOCK_M"] == 64 and small[0].kwargs["BLOCK_N"] == 64
