@@ -50,7 +50,8 @@ WIDE = Shape("student-1920", 4, 3600, 1920, 768, 150)
 
 def sweep(sizes, dim=768):
     # Frames of 1024 tokens (a quarter of the clip when shorter): spatial mode's O(N·T·D) cost shows against full.
-    return [Shape(f"sweep-{n}", 1, n, dim, dim, min(1024, max(1, n // 4))) for n in sizes]
+    return [Shape(f"sweep-{n}" if dim == 768 else f"sweep-{n}-d{dim}", 1, n, dim, dim, min(1024, max(1, n // 4)))
+            for n in sizes]
 
 
 def default_shapes(device: str, quick: bool):
@@ -318,7 +319,11 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", choices=["full", "spatial", "temporal"], default=["full", "spatial", "temporal"])
     p.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: bf16 and fp32 on cuda, fp32 on cpu")
-    p.add_argument("--sweep", nargs="+", type=int, metavar="N", help="token counts for the B=1 sweep (replaces the default shapes)")
+    p.add_argument("--shapes", nargs="+", metavar="NAME",
+                   help="only these default shapes (paper, full-res, student-1920, paper-b1, sweep-N), e.g. to run a "
+                        "long benchmark in pieces and merge them with --from-json")
+    p.add_argument("--sweep", nargs="+", type=int, metavar="N",
+                   help="token counts for a B=1 sweep (replaces the default shapes; adds to --shapes)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement on cpu (cuda uses do_bench)")
     p.add_argument("--input-sets", type=int, default=2, help="input sets rotated between timed calls")
     p.add_argument("--check-max-tokens", type=int, default=10**9,
@@ -326,24 +331,37 @@ def parse_args(argv=None):
                         "check costs O(N²·D) time and O(N·D) memory)")
     p.add_argument("--json", metavar="PATH", help="write the rows here (a list of objects)")
     p.add_argument("--plot", metavar="PATH", help="write a time/memory vs N plot (PNG) here")
-    p.add_argument("--from-json", metavar="PATH", help="measure nothing: reprint and replot the rows of an earlier run")
+    p.add_argument("--from-json", nargs="+", metavar="PATH",
+                   help="measure nothing: reprint and replot the rows of earlier runs, merged (--json writes them)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     args.impls = args.impls or [i for i in IMPLS if args.device == "cuda" or IMPLS[i][0] != "triton"]
     args.dtypes = args.dtypes or (["bf16", "fp32"] if args.device == "cuda" else ["fp32"])
-    args.shapes = sweep(args.sweep) if args.sweep else default_shapes(args.device, args.quick)
+    args.shapes = select_shapes(args, p)
     return args
+
+
+def select_shapes(args, parser) -> list[Shape]:
+    if not (args.shapes or args.sweep):
+        return default_shapes(args.device, args.quick)
+    known = {s.name: s for quick in (False, True) for s in default_shapes(args.device, quick)}
+    unknown = [name for name in args.shapes or [] if name not in known]
+    if unknown:
+        parser.error(f"--shapes: unknown {unknown}; the {args.device} shapes are {sorted(known)}")
+    return [known[name] for name in args.shapes or []] + (sweep(args.sweep) if args.sweep else [])
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            rows = json.load(f)
+        rows = []
+        for path in args.from_json:
+            with open(path) as f:
+                rows += json.load(f)
     else:
         rows = run_benchmarks(args)
-    if args.json and not args.from_json:
+    if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

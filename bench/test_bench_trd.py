@@ -44,6 +44,20 @@ def test_harness_writes_checked_rows(tmp_path):
     assert picture.stat().st_size > 0
 
 
+def test_harness_runs_in_pieces_and_merges_them(tmp_path, capsys):
+    pieces = [tmp_path / "a.json", tmp_path / "b.json"]
+    common = ["--device", "cpu", "--impls", "torch", "--modes", "full", "--passes", "fwd", "--repeats", "1"]
+    bench_trd.main(common + ["--shapes", "sweep-512-d64", "--json", str(pieces[0])])
+    bench_trd.main(common + ["--sweep", "256", "--json", str(pieces[1])])
+    merged = tmp_path / "merged.json"
+    bench_trd.main(["--from-json", *map(str, pieces), "--json", str(merged)])
+    rows = json.loads(merged.read_text())
+    assert [(r["shape"], r["N"], r["Ds"]) for r in rows] == [("sweep-512-d64", 512, 64), ("sweep-256", 256, 768)]
+    with pytest.raises(SystemExit):
+        bench_trd.main(["--device", "cpu", "--shapes", "paper"])  # a GPU shape: the CPU set names paper-b1
+    assert "paper-b1" in capsys.readouterr().err
+
+
 def test_train_step_harness_runs_the_tiny_model(tmp_path):
     pytest.importorskip("diffusers")
     import bench_train_step
