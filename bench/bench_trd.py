@@ -234,7 +234,7 @@ def run_benchmarks(args) -> list[dict]:
                             if IMPLS[impl][0] == "triton" and device == "cuda":
                                 from videorepa.kernels import trd_triton
 
-                                row["config"] = str(trd_triton._trd_kernel_tuned.best_config)  # the autotuner's pick
+                                row["config"] = str(trd_triton._trd_kernel_tuned.best_config)  # autotuner's pick
                         except Exception as err:  # noqa: BLE001
                             if not is_oom(err):
                                 raise

@@ -2,7 +2,7 @@
 autotune candidate costs: registers per thread, local memory (spills), shared memory and the matmul instructions
 Triton chose. A spilling or oversized config is slow or unlaunchable on the chip; this finds it before a GPU does.
 
-    python bench/compile_report.py --arch 90 --json bench/results/sm90-compile-2026-11-25.json
+    python bench/compile_report.py --arch 90 --json bench/results/sm90-compile-triton3.9-2026-11-25.json
     python bench/compile_report.py --arch 80 90 100 --quick
 
 Arguments are specialised exactly as a launch would specialise them (pointer alignment, unit strides), from real
@@ -56,7 +56,7 @@ class Variant:
 
 
 def default_variants(quick: bool) -> list[Variant]:
-    if quick:  # the training case, the other schedule with both gradients, and exact float32
+    if quick:  # the training case, the other schedule with both gradients, and float32
         return [Variant("bf16", "full", False, "s"), Variant("bf16", "full", True, "st"),
                 Variant("fp32", "full", False, "s")]
     variants = [Variant(dtype, "full", symmetric, grads) for dtype in DTYPES for symmetric in (False, True)

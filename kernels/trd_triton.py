@@ -1,8 +1,9 @@
 """Fused Triton TRD engine: loss and gradient in one pass over (row block I, column block J) tiles.
 
 Per tile: two Gram products (K = Dt, then K = Ds) chained into one float32 accumulator and scaled by the pre-pass
-inverse norms into Δ = Ŝ − T̂, then |Δ| − margin, relu and a row sum, and, when a gradient is wanted, a third matmul per tile: g_IJ·diag(r_J)
-@ X_J, added to the rows of I in a float32 buffer. Nothing N×N ever exists outside the tile being worked on.
+inverse norms into Δ = Ŝ − T̂, then |Δ| − margin, relu and a row sum, and, when a gradient is wanted, a third
+matmul per tile: g_IJ·diag(r_J) @ X_J, added to the rows of I in a float32 buffer. Nothing N×N ever exists
+outside the tile being worked on.
 
 Two schedules:
 - deterministic (default): program I visits every J it needs and owns the gradient rows of I outright, so it

@@ -23,7 +23,8 @@ def test_every_config_compiles_for_hopper(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(report.read_text())
     variants = {row["variant"] for row in rows}
-    assert variants == {"bf16/full/deterministic/grad-s", "bf16/full/symmetric/grad-st", "fp32/full/deterministic/grad-s"}
+    assert variants == {"bf16/full/deterministic/grad-s", "bf16/full/symmetric/grad-st",
+                        "fp32/full/deterministic/grad-s"}
     expected = {dtype: len(candidate_configs(dtype, dtype, 3600)) for dtype in (torch.bfloat16, torch.float32)}
     assert len(rows) == 2 * expected[torch.bfloat16] + expected[torch.float32]
     for row in rows:
