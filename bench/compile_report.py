@@ -32,10 +32,10 @@ from triton.runtime.jit import create_function_from_signature
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench_trd import DTYPES  # noqa: E402
 from videorepa.kernels import trd_triton  # noqa: E402
 from videorepa.kernels.validation import validate  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Shared memory one block may use (KiB), per compute capability: A100 163, H100/H200 227, B200 227.
 SHARED_LIMIT_KIB = {80: 163, 90: 227, 100: 227}
 

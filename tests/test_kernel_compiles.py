@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_every_config_compiles_for_hopper(tmp_path):
     report = tmp_path / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "bench/compile_report.py", "--arch", "90", "--quick", "--json", str(report)],
+    done = subprocess.run([sys.executable, "bench/compile_report.py", "--arch", "90", "--quick", "--tokens", "3600",
+                           "--json", str(report)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(report.read_text())
