@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from videorepa.kernels import count_pairs, trd_loss  # noqa: E402
 from videorepa.memory import PeakMemory  # noqa: E402
 
-# impl -> (trd_loss backend, deterministic): "fused-symmetric" is the Triton kernel's upper-triangle schedule.
-IMPLS = {"fused": ("triton", True), "fused-symmetric": ("triton", False), "torch": ("torch", True),
-         "naive": ("naive", True), "compiled": ("naive", True)}
+# impl -> (trd_loss backend, schedule)
+IMPLS = {"two-pass": ("triton", "two-pass"), "fused": ("triton", "fused"), "torch": ("torch", "auto"),
+         "naive": ("naive", "auto"), "compiled": ("naive", "auto")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -82,8 +82,8 @@ def make_step(impl: str, mode: str, shape: Shape, backward: bool):
     frame = None if mode == "full" else shape.tokens_per_frame
 
     def loss_fn(s, t):
-        backend, deterministic = IMPLS[impl]
-        return trd_loss(s, t, 0.1, mode, frame, backend=backend, deterministic=deterministic)
+        backend, schedule = IMPLS[impl]
+        return trd_loss(s, t, 0.1, mode, frame, backend=backend, schedule=schedule)
 
     if impl == "compiled":
         torch._dynamo.reset()  # a fresh compile per measurement, clear of the recompile limit
@@ -231,10 +231,6 @@ def run_benchmarks(args) -> list[dict]:
                                 row["max_rel_err"] = relative_error(step, *input_sets[0], reference, backward)
                             ms, p20, p80 = time_ms(step, input_sets, device, backward, args.repeats)
                             row.update(ms=ms, ms_p20=p20, ms_p80=p80, peak_mib=peak_mib(step, *input_sets[0], device, impl))
-                            if IMPLS[impl][0] == "triton" and device == "cuda":
-                                from videorepa.kernels import trd_triton
-
-                                row["config"] = str(trd_triton._trd_kernel_tuned.best_config)  # autotuner's pick
                         except Exception as err:  # noqa: BLE001
                             if not is_oom(err):
                                 raise

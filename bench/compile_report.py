@@ -1,12 +1,14 @@
-"""Compile the fused TRD kernel ahead of time for NVIDIA GPUs, on a machine without one, and report what each
-autotune candidate costs: registers per thread, local memory (spills), shared memory and the matmul instructions
-Triton chose. A spilling or oversized config is slow or unlaunchable on the chip; this finds it before a GPU does.
+"""Compile the Triton TRD kernels ahead of time for NVIDIA GPUs, on a machine without one, and report what each
+launch candidate costs: registers per thread, local memory (spills), shared memory, the matmul instructions
+Triton chose and how many blocks fit on one SM. A spilling or oversized config is slow or unlaunchable on the chip;
+this finds it before a GPU does.
 
-    python bench/compile_report.py --arch 90 --json bench/results/sm90-compile-triton3.9-2026-11-25.json
+    python bench/compile_report.py --arch 90 --json bench/results/sm90-compile-v4-triton3.9-2026-11-25.json
     python bench/compile_report.py --arch 80 90 100 --quick
 
-Arguments are specialised exactly as a launch would specialise them (pointer alignment, unit strides), from real
-tensors of the requested shape, so the code compiled here is the code the autotuner would time.
+Arguments are specialised exactly as a launch would specialise them (pointer alignment, unit strides), from the
+kernels' own launch builders on real tensors of the requested shape, so the code compiled here is the code a
+launch runs.
 """
 
 import argparse
@@ -33,52 +35,81 @@ from triton.runtime.jit import create_function_from_signature
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench_trd import DTYPES  # noqa: E402
-from videorepa.kernels import trd_triton  # noqa: E402
+from videorepa.kernels import triton_fused, triton_two_pass  # noqa: E402
+from videorepa.kernels.triton_common import dtype_family  # noqa: E402
 from videorepa.kernels.validation import validate  # noqa: E402
 
-# Shared memory one block may use (KiB), per compute capability: A100 163, H100/H200 227, B200 227.
+# Per compute capability: shared memory one block may use (KiB; A100 163, H100/H200 227, B200 227), and the SM's
+# shared memory and 32-bit registers.
 SHARED_LIMIT_KIB = {80: 163, 90: 227, 100: 227}
+SM_SHARED_KIB = {80: 164, 90: 228, 100: 228}
+SM_REGISTERS = 65536
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One specialisation of the kernel: what the autotuner keys on, besides the problem size."""
+    """One specialisation of one kernel: what changes its code, besides the tile configuration."""
 
+    kernel: str  # "pass1", "pass2" (two-pass schedule) or "fused"
     dtype: str
     mode: str
-    symmetric: bool
     grads: str  # "" (loss only), "s" (student), "st" (student and teacher)
 
     @property
     def name(self) -> str:
-        schedule = "symmetric" if self.symmetric else "deterministic"
-        return f"{self.dtype}/{self.mode}/{schedule}/grad-{self.grads or 'none'}"
+        return f"{self.kernel}/{self.dtype}/{self.mode}/grad-{self.grads or 'none'}"
+
+
+TRAINING_CASES = ("pass1/bf16/full/grad-s", "pass2/bf16/full/grad-s", "fused/bf16/full/grad-s")
 
 
 def default_variants(quick: bool) -> list[Variant]:
-    if quick:  # the training case, the other schedule with both gradients, and float32
-        return [Variant("bf16", "full", False, "s"), Variant("bf16", "full", True, "st"),
-                Variant("fp32", "full", False, "s")]
-    variants = [Variant(dtype, "full", symmetric, grads) for dtype in DTYPES for symmetric in (False, True)
-                for grads in ("", "s", "st")]
-    return variants + [Variant("bf16", mode, False, "s") for mode in ("spatial", "temporal")]
+    if quick:  # the training case in every kernel, and float32's two passes
+        return [Variant(*name.split("/")[:3], "s") for name in TRAINING_CASES] + \
+            [Variant("pass1", "fp32", "full", "s"), Variant("pass2", "fp32", "full", "s")]
+    variants = [Variant("pass1", dtype, "full", grads) for dtype in DTYPES for grads in ("", "s", "st")]
+    variants += [Variant("pass2", dtype, "full", "s") for dtype in DTYPES]
+    variants += [Variant("fused", dtype, "full", grads) for dtype in DTYPES for grads in ("s", "st")]
+    return variants + [Variant(kernel, "bf16", mode, "s") for kernel in ("pass1", "pass2", "fused")
+                       for mode in ("spatial", "temporal")]
 
 
-def compile_config(variant: Variant, config: triton.Config, arch: int, tokens: int, dim: int,
-                   tokens_per_frame: int):
-    """triton.compile of `_trd_kernel` for `arch`, specialised from tensors of the given shape."""
+def candidates(variant: Variant) -> list:
+    """Every configuration a launch of this kernel may use: pass 2 once per pass-1 tile size it can follow."""
+    family = dtype_family(DTYPES[variant.dtype])
+    if variant.kernel == "fused":
+        return triton_fused.CANDIDATES[family]
+    firsts = triton_two_pass.PASS1_CANDIDATES[family]
+    if variant.kernel == "pass1":
+        return [(first, None) for first in firsts]
+    blocks = sorted({first["BLOCK"] for first in firsts}, reverse=True)
+    return [(next(f for f in firsts if f["BLOCK"] == block), second)
+            for block in blocks for second in triton_two_pass.PASS2_CANDIDATES[family]]
+
+
+def launch_arguments(variant: Variant, config, tokens: int, dim: int, tokens_per_frame: int):
+    """(kernel, args, kwargs) of the launch this variant and config make, from the kernels' own builders."""
     dtype = DTYPES[variant.dtype]
     student = torch.empty(1, tokens, dim, dtype=dtype)
     teacher = torch.empty(1, tokens, dim, dtype=dtype)
-    frame = None if variant.mode == "full" else tokens_per_frame
-    problem = validate(student, teacher, 0.1, variant.mode, frame)
-    rows = torch.empty(1, tokens)
-    grad_s = torch.empty(1, tokens, dim) if "s" in variant.grads else None
-    grad_t = torch.empty(1, tokens, dim) if "t" in variant.grads else None
-    args, flags = trd_triton.kernel_arguments(problem, rows, rows, rows, grad_s, grad_t, variant.symmetric)
-    kwargs = {**flags, **config.all_kwargs()}
+    problem = validate(student, teacher, 0.1, variant.mode, None if variant.mode == "full" else tokens_per_frame)
+    need_s, need_t = "s" in variant.grads, "t" in variant.grads
+    norms = torch.ones(1, tokens)
+    if variant.kernel == "fused":
+        kernel, _, args, kwargs, _ = triton_fused.fused_launch(problem, norms, norms, need_s, need_t, config)
+        return kernel, args, kwargs
+    configs = (config[0], config[1] or triton_two_pass.PASS2_CANDIDATES["fp32"][0], 1)
+    kernel, _, args, kwargs, (_, pair_map, radial) = triton_two_pass.pass1_launch(
+        problem, norms, norms, need_s, need_t, configs)
+    if variant.kernel == "pass1":
+        return kernel, args, kwargs
+    kernel, _, args, kwargs, _ = triton_two_pass.pass2_launch(
+        problem, student, norms, norms.bool(), pair_map, radial, torch.ones(1), 0, 1, configs)
+    return kernel, args, kwargs
 
-    kernel = trd_triton._trd_kernel
+
+def compile_launch(kernel, args, kwargs, arch: int):
+    """triton.compile of `kernel` for `arch`, specialised from the launch's own arguments."""
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     # The JIT's own binder and packer: the same type, alignment and constant specialisation a launch gets.
@@ -112,36 +143,58 @@ def matmul_instruction(ptx: str) -> str:
     return "none"
 
 
-def report_row(variant: Variant, config: triton.Config, arch: int, tokens: int, dim: int,
-               tokens_per_frame: int) -> dict:
-    row = {"arch": f"sm_{arch}", "variant": variant.name, **config.kwargs, "num_warps": config.num_warps,
-           "num_stages": config.num_stages, "tokens": tokens, "dim": dim}
+def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int, arch: int) -> int:
+    """Blocks one SM holds at once, by registers (allocated per warp in units of 256) and shared memory."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = SM_REGISTERS // (per_warp * num_warps)
+    by_shared = (SM_SHARED_KIB[arch] * 1024) // max(shared_bytes, 1)
+    return min(by_registers, by_shared)
+
+
+def config_columns(variant: Variant, config) -> dict:
+    if variant.kernel == "fused":
+        parts = [config]
+    elif variant.kernel == "pass1":
+        parts = [config[0]]
+    else:
+        parts = [config[1], triton_two_pass.LaunchConfig.of(0, 0, BLOCK=config[0]["BLOCK"])]
+    columns = {}
+    for part in parts:
+        columns.update(dict(part.params))
+    return {**columns, "num_warps": parts[0].num_warps, "num_stages": parts[0].num_stages}
+
+
+def report_row(variant: Variant, config, arch: int, tokens: int, dim: int, tokens_per_frame: int) -> dict:
+    row = {"arch": f"sm_{arch}", "variant": variant.name, **config_columns(variant, config), "tokens": tokens,
+           "dim": dim}
     start = time.perf_counter()
     try:
-        compiled = compile_config(variant, config, arch, tokens, dim, tokens_per_frame)
+        compiled = compile_launch(*launch_arguments(variant, config, tokens, dim, tokens_per_frame), arch)
     except Exception as err:  # a config that does not compile is a finding, recorded like the others
         return {**row, "error": f"{type(err).__name__}: {err}"}
     shared = compiled.metadata.shared
-    return {**row, "compile_s": round(time.perf_counter() - start, 2), **resource_usage(compiled.asm["cubin"]),
+    usage = resource_usage(compiled.asm["cubin"])
+    return {**row, "compile_s": round(time.perf_counter() - start, 2), **usage,
             "shared_kib": round(shared / 1024, 1), "shared_fits": shared <= SHARED_LIMIT_KIB[arch] * 1024,
+            "blocks_per_sm": blocks_per_sm(usage["registers"], row["num_warps"], shared, arch),
             "matmul": matmul_instruction(compiled.asm["ptx"])}
 
 
 def format_row(row: dict) -> str:
-    config = (f"{row['BLOCK_M']:>3}x{row['BLOCK_N']:<3} K{row['BLOCK_K']:<3} D{row['BLOCK_D']:<3} "
-              f"w{row['num_warps']} s{row['num_stages']}")
-    head = f"{row['arch']:<6} {row['variant']:<34} {config}"
+    tiles = " ".join(f"{key.replace('BLOCK_', '').replace('BLOCK', 'T')}{row[key]}"
+                     for key in ("BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "GROUP") if key in row)
+    head = f"{row['arch']:<6} {row['variant']:<30} {tiles:<22} w{row['num_warps']} s{row['num_stages']}"
     if "error" in row:
         return f"{head}  FAILED  {row['error'][:120]}"
     return (f"{head}  regs {row['registers']:>3}  local {row['local_bytes']:>5} B  shared {row['shared_kib']:>6} KiB"
-            f"{'' if row['shared_fits'] else ' (too big)'}  {row['matmul']}")
+            f"{'' if row['shared_fits'] else ' (too big)'}  {row['blocks_per_sm']}/SM  {row['matmul']}")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(SHARED_LIMIT_KIB),
                         help="compute capabilities to compile for (90: H100/H200)")
-    parser.add_argument("--quick", action="store_true", help="three variants instead of twenty")
+    parser.add_argument("--quick", action="store_true", help="the training case of each kernel and float32's passes")
     parser.add_argument("--tokens", type=int, default=3600, help="N the arguments are specialised from")
     parser.add_argument("--dim", type=int, default=768, help="Ds = Dt")
     parser.add_argument("--tokens-per-frame", type=int, default=150)
@@ -154,8 +207,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     for arch in args.arch:
         for variant in default_variants(args.quick):
-            dtype = DTYPES[variant.dtype]
-            for config in trd_triton.candidate_configs(dtype, dtype, args.tokens):  # what the autotuner would time
+            for config in candidates(variant):
                 rows.append(report_row(variant, config, arch, args.tokens, args.dim, args.tokens_per_frame))
                 print(format_row(rows[-1]), flush=True)
     if args.json:

@@ -1,6 +1,5 @@
-"""`trd_loss`: argument checks, then dispatch to a backend."""
+"""`trd_loss`: argument checks, then dispatch to a backend and, for Triton, a schedule."""
 
-import functools
 from typing import Optional
 
 import torch
@@ -8,7 +7,12 @@ import torch
 from .fused import fused_trd_loss
 from .naive import naive_trd_loss
 from .trd_torch import torch_engine
-from .validation import BACKENDS, validate
+from .validation import BACKENDS, SCHEDULES, validate
+
+# schedule="auto" takes the two-pass schedule while what it keeps between its passes fits this budget: the 2-bit
+# pair map (B·N²/8 bytes) and, per gradient, radial partials of a quarter of that (128-token tiles). At B = 4,
+# N = 3,600 that is 7.1 + 1.8 MB; at B = 1, N = 32,400, 133 + 33 MB.
+TWO_PASS_MAX_BYTES = 2 << 30
 
 
 def _triton_available() -> bool:
@@ -36,7 +40,7 @@ def trd_loss(
     mode: str = "full",
     tokens_per_frame: Optional[int] = None,
     backend: str = "auto",
-    deterministic: bool = True,
+    schedule: str = "auto",
 ) -> torch.Tensor:
     """Token Relation Distillation loss: mean over kept token pairs of relu(|ŝ_i·ŝ_j − t̂_i·t̂_j| − margin).
 
@@ -48,20 +52,31 @@ def trd_loss(
         tokens_per_frame: tokens in one frame (frames are consecutive runs of tokens); needed unless mode="full".
         backend: "auto" (triton on CUDA, else torch), "triton" (fused kernels), "torch" (blockwise PyTorch,
             O(N·D) memory), "naive" (full Gram matrices, the paper's formula).
-        deterministic: triton only. True: every program owns its gradient rows, bitwise reproducible. False: visit
-            only the upper-triangle tiles (half the Gram work) and add the mirrored gradient with float atomics.
+        schedule: triton only. "two-pass": the upper triangle of Gram tiles in forward, keeping a 2-bit map of the
+            active pairs (B·N²/8 bytes), and a GEMM for the gradient in backward. "fused": loss and gradient in
+            one pass in O(N·D) memory, with twice the Gram work. "auto": two-pass while its map fits
+            `TWO_PASS_MAX_BYTES` (2 GiB), else fused. Both are deterministic: the same bits in every run and
+            process. Without a gradient to compute (no_grad, or inputs that need none) both run pass 1 alone.
 
     Returns:
         0-dim float32 tensor. Gradients reach student (and teacher) in their own dtypes.
     """
     problem = validate(student, teacher, margin, mode, tokens_per_frame)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     chosen = resolve_backend(backend, problem.student.device, problem.student.dtype)
     if chosen == "naive":
         return naive_trd_loss(problem)
     if chosen == "torch":
         return fused_trd_loss(problem, torch_engine)
-    from .trd_triton import triton_engine  # imports triton: only when asked for
+    # Imports triton: only when asked for.
+    from .triton_fused import fused_engine
+    from .triton_two_pass import pair_map_bytes, two_pass_trd_loss
 
-    return fused_trd_loss(problem, functools.partial(triton_engine, deterministic=deterministic))
+    need_s = torch.is_grad_enabled() and problem.student.requires_grad
+    need_t = torch.is_grad_enabled() and problem.teacher.requires_grad
+    if schedule == "auto":
+        schedule = "two-pass" if pair_map_bytes(problem, need_s, need_t) <= TWO_PASS_MAX_BYTES else "fused"
+    if schedule == "two-pass" or not (need_s or need_t):  # the loss alone: pass 1 without a map is the least work
+        return two_pass_trd_loss(problem)
+    return fused_trd_loss(problem, fused_engine)

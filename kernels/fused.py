@@ -1,4 +1,4 @@
-"""Glue shared by the fused backends (Triton and blockwise PyTorch).
+"""Glue for the backends that produce the gradient in forward (blockwise PyTorch, and the one-pass Triton kernel).
 
 An engine computes, in one pass over the token-pair tiles, the loss sum and, when asked, the unscaled gradient
 with respect to the normalised tokens: Σ_j g_ij x̂_j with g_ij = sign(Δ_ij)·[|Δ_ij| > margin] over kept pairs.
@@ -6,6 +6,7 @@ The loss is a scalar with no row normaliser, so that gradient is final up to con
 handed to autograd, whose backward only scales it by grad_output (the fused-linear-cross-entropy idea).
 """
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -13,9 +14,30 @@ import torch
 from .normalization import inverse_norms, normalization_backward
 from .validation import TRDProblem
 
-# engine(problem, inv_norm_student, inv_norm_teacher, need_student_grad, need_teacher_grad)
-#   -> (loss_sum, Σ g ŝ or None, Σ g t̂ or None), all in the inverse norms' dtype
+# engine(problem, (r_s, clamped_s), (r_t, clamped_t), need_student_grad, need_teacher_grad)
+#   -> (per-clip loss sums (B,), Σ g ŝ or None, Σ g t̂ or None), in the inverse norms' dtype (the sums may be
+#      float64)
 Engine = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
+
+
+def differentiable_once(backward):
+    """Marks a backward as first-order only, like torch.autograd.function.once_differentiable, but also when
+    grad_output needs no gradient (a loss's usual case): under create_graph=True the gradients it returns raise on
+    differentiation instead of silently counting as constants in a second-order term."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not create_graph:
+            return grads
+        error = torch._C._functions.DelayedError(
+            b"trd_loss is differentiable once: its gradient has no gradient (double backward)", len(grads))
+        marked = [None if g is None else g.detach().requires_grad_() for g in grads]
+        return error(*marked)
+
+    return wrapper
 
 
 class _PrecomputedGradient(torch.autograd.Function):
@@ -27,10 +49,18 @@ class _PrecomputedGradient(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @differentiable_once
     def backward(ctx, grad_output):
         grad_student, grad_teacher = ctx.saved_tensors
         scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (grad_student, grad_teacher)]
         return None, scaled[0], scaled[1], None, None
+
+
+def gradient_scale(clip_sums: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """Per clip, the factor from Σ_j g_ij x̂_j to dL/dx̂_i: 2/P, since the pair (i, j) and its mirror (j, i) both
+    hold x̂_i (Δ = Ŝ − T̂ flips it for the teacher). Adding 0·(the clip's loss sum) makes the gradient of a clip
+    whose loss is NaN all NaN, as PyTorch's formula gives it."""
+    return clip_sums * 0.0 + 2.0 / num_pairs
 
 
 def fused_trd_loss(problem: TRDProblem, engine: Engine) -> torch.Tensor:
@@ -40,15 +70,12 @@ def fused_trd_loss(problem: TRDProblem, engine: Engine) -> torch.Tensor:
     # Autocast off: under a training loop's bf16 autocast the blockwise engine's Gram blocks and the normalisation
     # backward would otherwise drop to bf16 matmuls; the inputs keep whatever dtype they arrive in.
     with torch.no_grad(), torch.autocast(s.device.type, enabled=False):
-        r_s, clamped_s = inverse_norms(s)
-        r_t, clamped_t = inverse_norms(t)
-        loss_sum, hat_s, hat_t = engine(problem, r_s, r_t, need_s, need_t)
-        loss = (loss_sum / problem.num_pairs).float()
-        # dL/dŝ_i = (2/P) Σ_j g_ij ŝ_j: the pair (i, j) and its mirror (j, i) both hold ŝ_i. Δ = Gs − Gt flips the
-        # sign for the teacher.
-        scale = 2.0 / problem.num_pairs
-        grad_s = normalization_backward(s, r_s, clamped_s, hat_s.mul_(scale)).to(s.dtype) if need_s else None
-        grad_t = normalization_backward(t, r_t, clamped_t, hat_t.mul_(-scale)).to(t.dtype) if need_t else None
+        norms_s, norms_t = inverse_norms(s), inverse_norms(t)
+        clip_sums, hat_s, hat_t = engine(problem, norms_s, norms_t, need_s, need_t)
+        loss = (clip_sums.sum() / problem.num_pairs).float()
+        scale = gradient_scale(clip_sums, problem.num_pairs).to(norms_s[0].dtype)[:, None, None]
+        grad_s = normalization_backward(s, *norms_s, hat_s.mul_(scale)).to(s.dtype) if need_s else None
+        grad_t = normalization_backward(t, *norms_t, hat_t.mul_(-scale)).to(t.dtype) if need_t else None
     if not (need_s or need_t):
         return loss
     return _PrecomputedGradient.apply(loss, s, t, grad_s, grad_t)

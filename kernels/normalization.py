@@ -1,6 +1,6 @@
 """Row L2 normalisation x̂ = x / max(‖x‖, eps), as torch.nn.functional.normalize, split into its two O(N·D) halves.
 
-The fused backends never build x̂ for the Gram tiles: they take inverse norms from `inverse_norms` and scale the
+The fused backends never build x̂ for their Gram tiles: they take inverse norms from `inverse_norms` and scale the
 tile products. Their gradient comes out with respect to x̂; `normalization_backward` carries it back to x.
 """
 
@@ -30,3 +30,8 @@ def normalization_backward(
     x_dot_g = (x.unsqueeze(-2) @ grad_hat.unsqueeze(-1)).squeeze(-1)  # row dot products, no (N, D) product
     coef = (x_dot_g * r.pow(3)).masked_fill_(clamped.unsqueeze(-1), 0.0)
     return grad_hat.mul_(r).addcmul_(x, coef, value=-1.0)
+
+
+def radial_factor(inv_norm: torch.Tensor, clamped: torch.Tensor) -> torch.Tensor:
+    """r² where the norm was not clamped, else 0: dL/dx = r·dx̂ − r²(x̂·dx̂)·x (clamped: x̂ = x/eps is linear)."""
+    return (inv_norm * inv_norm).masked_fill_(clamped, 0.0)

@@ -38,12 +38,13 @@ def _row_gradient(g, cols, r_cols):
     return (g * r_cols.unsqueeze(-2)) @ cols
 
 
-def torch_engine(problem: TRDProblem, r_s, r_t, need_s: bool, need_t: bool, block_rows: int = BLOCK_ROWS):
+def torch_engine(problem: TRDProblem, norms_s, norms_t, need_s: bool, need_t: bool, block_rows: int = BLOCK_ROWS):
+    r_s, r_t = norms_s[0], norms_t[0]
     s = problem.student.to(r_s.dtype)  # no copy for float32 inputs
     t = problem.teacher.to(r_t.dtype)
     out_s = s.new_empty(s.shape) if need_s else None
     out_t = t.new_empty(t.shape) if need_t else None
-    loss = r_s.new_zeros(())
+    loss = r_s.new_zeros(problem.batch)  # per clip
     tokens, frame_len = problem.tokens, problem.tokens_per_frame
 
     if problem.mode == "spatial":
@@ -54,7 +55,7 @@ def torch_engine(problem: TRDProblem, r_s, r_t, need_s: bool, need_t: bool, bloc
             # (B, frames, T, D) tokens and (B, frames, T) inverse norms; each frame is both rows and columns.
             sb, tb, rsb, rtb = (x[:, sl].unflatten(1, (-1, frame_len)) for x in (s, t, r_s, r_t))
             excess, g = _pair_block((sb, sb, rsb, rsb), (tb, tb, rtb, rtb), problem.margin, None, need_s or need_t)
-            loss += excess.sum()
+            loss += excess.sum(dim=(1, 2, 3))
             for x, r, out in ((sb, rsb, out_s), (tb, rtb, out_t)):
                 if out is not None:
                     out[:, sl] = _row_gradient(g, x, r).flatten(1, 2)
@@ -74,7 +75,7 @@ def torch_engine(problem: TRDProblem, r_s, r_t, need_s: bool, need_t: bool, bloc
         excess, g = _pair_block((s[:, rows], s[:, cols], r_s[:, rows], r_s[:, cols]),
                                 (t[:, rows], t[:, cols], r_t[:, rows], r_t[:, cols]), problem.margin, keep,
                                 need_s or need_t)
-        loss += excess[..., :size].sum() + 2.0 * excess[..., size:].sum()
+        loss += excess[..., :size].sum(dim=(1, 2)) + 2.0 * excess[..., size:].sum(dim=(1, 2))
         del excess
         for x, r, out in ((s, r_s, out_s), (t, r_t, out_t)):
             if out is not None:

@@ -6,6 +6,7 @@ import torch
 
 MODES = ("full", "spatial", "temporal")
 BACKENDS = ("auto", "triton", "torch", "naive")
+SCHEDULES = ("auto", "two-pass", "fused")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ BAD_CALLS = [
     (dict(student=torch.randn(0, 4, 8), teacher=torch.randn(0, 4, 5)), ValueError, r"at least one clip and one token"),
     (dict(student=torch.randn(2, 12, 0), teacher=T), ValueError, r"feature width must be at least 1"),
     (dict(student=S.double(), teacher=T.double(), backend="triton"), TypeError, r"backend 'triton' takes float32.*float64"),
-    (dict(student=S, teacher=T, deterministic=1), TypeError, r"deterministic must be a bool"),
+    (dict(student=S, teacher=T, schedule="symmetric"), ValueError, r"schedule must be one of.*'symmetric'"),
 ]
 
 
@@ -89,12 +89,29 @@ def test_peak_memory_counts_live_tensors_only():
     assert mem.peak_mib == 4.0
 
 
-def test_autotune_candidates_follow_dtype_and_problem_height():
-    from videorepa.kernels.trd_triton import _CONFIGS_16BIT, _CONFIGS_FP32, candidate_configs
+def test_launch_configs_are_chosen_by_rule(monkeypatch):
+    # The same problem gets the same tiles in every process (no timing), hence the same bits; the rule follows the
+    # dtype family, the problem's size and the gradients asked for (spilling tiles avoided).
+    from videorepa.kernels import triton_fused, triton_two_pass
+    from videorepa.kernels.validation import validate
 
-    bf16, fp32 = torch.bfloat16, torch.float32
-    assert candidate_configs(bf16, bf16, 100) == _CONFIGS_16BIT
-    assert candidate_configs(torch.float16, fp32, 4096) == _CONFIGS_FP32  # one float32 input: three-TF32 dots
-    assert {c.kwargs["BLOCK_M"] for c in candidate_configs(bf16, bf16, 60)} == {64}
-    small = candidate_configs(bf16, bf16, 5)
-    assert len(small) == 1 and small[0].kwargs["BLOCK_M"] == 64 and small[0].kwargs["BLOCK_N"] == 64
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+    def problem(tokens, student_dtype=torch.bfloat16, teacher_dtype=torch.bfloat16, dim=768):
+        return validate(torch.empty(4, tokens, dim, dtype=student_dtype),
+                        torch.empty(4, tokens, dim, dtype=teacher_dtype), 0.1, "full", None)
+
+    select = triton_two_pass.select_configs
+    paper, large = problem(3600), problem(32400)
+    assert select(paper, True, False) == select(problem(3600), True, False)
+    pass1, pass2, group = select(paper, True, False)
+    assert (pass1["BLOCK"], pass2["BLOCK_D"], group) == (128, 128, 1)  # 11 MB of operands per clip: L2-resident
+    assert select(large, True, False)[2] == 8  # 100 MB per clip: grouped for L2 reuse
+    assert select(problem(1000), True, False)[0]["BLOCK"] == 64
+    assert select(paper, True, True)[0]["BLOCK"] == 64  # both radial sums at 128 spill
+    assert select(problem(3600, torch.float16, torch.float16), True, False)[0]["BLOCK"] == 64
+    assert select(problem(3600, torch.float16, torch.float16), False, False)[0]["BLOCK"] == 128
+    mixed = select(problem(3600, torch.bfloat16, torch.float32), True, False)
+    assert mixed[0] in triton_two_pass.PASS1_CANDIDATES["fp32"] and mixed[1] in triton_two_pass.PASS2_CANDIDATES["fp32"]
+    assert triton_fused.select_config(paper) == triton_fused.CANDIDATES["bf16"][0]
+    assert triton_fused.select_config(problem(40, torch.float32, torch.float32))["BLOCK_M"] == 64

@@ -24,14 +24,14 @@ class TRDLoss(nn.Module):
         mode: str = "full",
         tokens_per_frame: Optional[int] = None,
         backend: str = "auto",
-        deterministic: bool = True,
+        schedule: str = "auto",
     ):
         super().__init__()
         self.margin = margin
         self.mode = mode
         self.tokens_per_frame = tokens_per_frame
         self.backend = backend
-        self.deterministic = deterministic
+        self.schedule = schedule
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return trd_loss(
@@ -41,8 +41,9 @@ class TRDLoss(nn.Module):
             mode=self.mode,
             tokens_per_frame=self.tokens_per_frame,
             backend=self.backend,
-            deterministic=self.deterministic,
+            schedule=self.schedule,
         )
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, mode={self.mode!r}, tokens_per_frame={self.tokens_per_frame}, backend={self.backend!r}"
+        return (f"margin={self.margin}, mode={self.mode!r}, tokens_per_frame={self.tokens_per_frame}, "
+                f"backend={self.backend!r}, schedule={self.schedule!r}")

@@ -1,0 +1,165 @@
+"""Pieces shared by the Triton TRD kernels: dot precision, the Gram tile loop, pair masks, 2-bit pair maps, tile
+indexing and launch configurations (fixed by rule, so the same inputs give the same bits in every process)."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MODE_IDS = {"full": 0, "spatial": 1, "temporal": 2}
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs need float32-accurate products: plain TF32 (10-bit mantissa) moves Gram entries by ~1e-3 and
+    # flips pairs near the margin. Three TF32 products (hi·hi + hi·lo + lo·hi) match float32's error and keep the
+    # tensor cores; "ieee" would fall back to FMA loops. The interpreter computes every dot in float32 anyway.
+    if dtype == torch.float32:
+        return "tf32x3"
+    return "widen" if dtype == torch.bfloat16 and interpreter_enabled() else "tf32"
+
+
+def wide_weights(dtype: torch.dtype) -> bool:
+    """Gradient weights g_ij·r_j leave float16's range (65504) once a token's norm is below ~1.5e-5, every zero
+    token included (r = 1/eps = 1e12): float16 gradient matmuls run on float32 weights (three-TF32) instead."""
+    return dtype == torch.float16
+
+
+def check_inputs(problem) -> None:
+    for name, x in (("student", problem.student), ("teacher", problem.teacher)):
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"backend 'triton' takes float32, bfloat16 or float16 {name}, got {x.dtype}; "
+                            "use backend='torch' for it")
+    if not (problem.student.is_cuda or interpreter_enabled()):
+        raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device "
+                         f"{problem.student.device}; use backend='torch' or 'auto'")
+
+
+def new_output(shape, device, dtype=torch.float32) -> torch.Tensor:
+    """Buffers a kernel fills completely (one function, so tests can poison them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and launch shape of one kernel. `params` are the kernel's tile constexprs."""
+
+    params: tuple  # ((name, value), ...), hashable
+    num_warps: int
+    num_stages: int
+
+    @classmethod
+    def of(cls, num_warps: int, num_stages: int, **params):
+        return cls(tuple(sorted(params.items())), num_warps, num_stages)
+
+    def __getitem__(self, name):
+        return dict(self.params)[name]
+
+    def launch_kwargs(self) -> dict:
+        return {**dict(self.params), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def triton_config(self) -> triton.Config:
+        return triton.Config(dict(self.params), num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def dtype_family(*dtypes) -> str:
+    """The launch-configuration family of a problem's input dtypes: float32 anywhere means three-TF32 dots
+    ("fp32"); else float16 anywhere means float32 gradient weights ("fp16"); else "bf16"."""
+    return "fp32" if torch.float32 in dtypes else "fp16" if torch.float16 in dtypes else "bf16"
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if PRECISION == "widen":
+        # Triton's interpreter multiplies bfloat16 tiles as their raw uint16 bits; widened to float32 the products
+        # are exact, as on tensor cores.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _weighted_dot(w, x, acc, WIDE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + w @ x for gradient weights w = g·diag(r) (float32): in x's dtype, or in float32 when WIDE."""
+    if WIDE:
+        return _dot(w, x.to(tl.float32), acc, "tf32x3")
+    return _dot(w.to(x.dtype), x, acc, PRECISION)
+
+
+@triton.jit
+def _gram(X, b, rows, cols, row_ok, col_ok, D, stride_b, stride_n, stride_d,
+          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x_rows · x_colsᵀ for one tile of raw tokens, float32, K in ascending chunks."""
+    base = X + b * stride_b
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        a = tl.load(base + rows[:, None] * stride_n + ks[None, :] * stride_d,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        bt = tl.load(base + cols[None, :] * stride_n + ks[:, None] * stride_d,
+                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = _dot(a, bt, acc, PRECISION)
+    return acc
+
+
+@triton.jit
+def _kept_pairs(rows, cols, row_ok, col_ok, FRAME, MODE: tl.constexpr):
+    """Pairs of the tile that exist (inside N) and that the mode keeps: same frame (spatial), other frame
+    (temporal), all (full)."""
+    keep = row_ok[:, None] & col_ok[None, :]
+    if MODE == 1:
+        keep &= (rows // FRAME)[:, None] == (cols // FRAME)[None, :]
+    if MODE == 2:
+        keep &= (rows // FRAME)[:, None] != (cols // FRAME)[None, :]
+    return keep
+
+
+@triton.jit
+def _relu_excess(delta, keep, margin):
+    """relu(|Δ| − margin) where kept, 0 elsewhere; a NaN Δ stays NaN (it fails `<= 0`), so a NaN anywhere in the
+    inputs reaches the loss as it does in PyTorch's formula instead of vanishing from the sum."""
+    excess = tl.abs(delta) - margin
+    return tl.where(keep & ~(excess <= 0), excess, 0.0)
+
+
+@triton.jit
+def _band(m0, N, FRAME, BLOCK: tl.constexpr):
+    """First and last block of BLOCK tokens that share a frame with tokens m0 .. m0 + BLOCK − 1 (spatial mode)."""
+    first = (m0 // FRAME) * FRAME // BLOCK
+    last_row = tl.minimum(m0 + BLOCK, N) - 1
+    last = (tl.minimum(N, (last_row // FRAME + 1) * FRAME) - 1) // BLOCK
+    return first, last
+
+
+@triton.jit
+def _tile_index(I, J, NB, NBAND, MODE: tl.constexpr):
+    """Slot of upper-triangle tile (I, J ≥ I) in the per-tile buffers: the packed triangle, or for spatial mode a
+    band of NBAND tiles per row block. int64: slots times per-tile sizes pass 2³¹ at a few hundred thousand tokens."""
+    row = tl.cast(I, tl.int64)
+    if MODE == 1:
+        return row * NBAND + (J - I)
+    return row * NB - (row * (row - 1)) // 2 + (J - I)
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _pack_bits(bits, BLOCK: tl.constexpr):
+    """(BLOCK, BLOCK) 0/1 int32 → (BLOCK, BLOCK // 32) words, column c in bit c % 32 of word c // 32."""
+    shifts = tl.arange(0, 32)
+    return tl.reduce(tl.reshape(bits, (BLOCK, BLOCK // 32, 32)) << shifts[None, None, :], 2, _or)
+
+
+@triton.jit
+def _unpack_bits(words, BLOCK: tl.constexpr):
+    """Inverse of `_pack_bits`: (BLOCK, BLOCK // 32) words → (BLOCK, BLOCK) 0/1 int32."""
+    shifts = tl.arange(0, 32)
+    return tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 1, (BLOCK, BLOCK))

@@ -1,0 +1,356 @@
+"""Two-pass Triton TRD: a triangle of Gram tiles in forward, a plain GEMM for the gradient in backward.
+
+Pass 1 (forward) visits only tiles J ≥ I: both Gram matrices are symmetric, so tile (I, J) also stands for its
+mirror (J, I). Per tile it builds Ŝ and T̂ from two matmuls scaled by the inverse norms, Δ = Ŝ − T̂, the tile's
+loss partial (pairs weighted 2 off the diagonal), and, when a gradient is wanted, a packed 2-bit map of
+g = sign(Δ)·[|Δ| > margin] (a "+" and a "−" bit plane, 32 pairs per word) plus the partial row and column sums of
+g∘Ŝ and g∘T̂, which give each token's radial term x̂_i·dx̂_i = Σ_j g_ij Ŝ_ij without a second pass over D.
+Partials are reduced in a fixed order: no atomics, same bits every run.
+
+Pass 2 (backward) is dX̂ = G·X̂ (−G·T̂ for the teacher): program (I, D-tile) runs over J, unpacks G_IJ to exact
+±1/0 in registers (tiles J < I from the map of (J, I), transposed), weights it by the column scales and
+accumulates G_IJ·X_J on chip. Its epilogue applies the normalisation's backward and grad_output, and stores the
+gradient in the input dtype once. The map costs B·N²/8 bytes; nothing N×N is ever stored as numbers.
+
+Spatial mode visits only the band of tiles that share a frame; temporal mode masks same-frame pairs.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused import differentiable_once, gradient_scale
+from .normalization import inverse_norms, radial_factor
+from .triton_common import (MODE_IDS, LaunchConfig, _band, _gram, _kept_pairs, _pack_bits, _relu_excess,
+                            _tile_index, _unpack_bits, _weighted_dot, check_inputs, dot_precision,
+                            interpreter_enabled, dtype_family, new_output, wide_weights)
+from .validation import TRDProblem
+
+
+@triton.jit
+def _triangle_row(p, n):
+    """Row P of the upper triangle of an n × n grid (row P holds n − P entries) that linear index p falls in."""
+    b2 = 2 * n + 1
+    row = ((b2 - tl.sqrt((b2 * b2 - 8 * p).to(tl.float32))) * 0.5).to(tl.int32)
+    row = tl.where(row * n - (row * (row - 1)) // 2 > p, row - 1, row)  # float rounding, either way
+    row = tl.where((row + 1) * n - ((row + 1) * row) // 2 <= p, row + 1, row)
+    return row
+
+
+@triton.jit
+def _pass1_tile(pid, N, FRAME, NB, NBAND, MODE: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """(I, J, valid) of program `pid`. Spatial: NBAND tiles per row block along its band. Otherwise an upper
+    triangle of GROUP × GROUP super-tiles walked column by column inside each, so consecutive programs share
+    column tiles and row tiles stay in L2; programs that land below the diagonal or past N do nothing."""
+    if MODE == 1:
+        row_block = pid // NBAND
+        col_block = row_block + pid % NBAND
+        _, last = _band(row_block * BLOCK, N, FRAME, BLOCK)
+        valid = col_block <= last
+    else:
+        supers = (NB + GROUP - 1) // GROUP
+        p = pid // (GROUP * GROUP)
+        local = pid % (GROUP * GROUP)
+        super_row = _triangle_row(p, supers)
+        super_col = super_row + p - (super_row * supers - (super_row * (super_row - 1)) // 2)
+        row_block = super_row * GROUP + local % GROUP
+        col_block = super_col * GROUP + local // GROUP
+        valid = (row_block <= col_block) & (col_block < NB)
+    return row_block, col_block, valid
+
+
+@triton.jit
+def _pass1_kernel(
+    S, T, RS, RT, LOSS_PART, MAP, CPART,
+    N, DS, DT, FRAME, NB, NBAND, NTILES, margin,
+    s_stride_b, s_stride_n, s_stride_d, t_stride_b, t_stride_n, t_stride_d,
+    MODE: tl.constexpr, WRITE_MAP: tl.constexpr, C_S: tl.constexpr, C_T: tl.constexpr, NWHO: tl.constexpr,
+    WIDE_S: tl.constexpr, WIDE_T: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    PRECISION_S: tl.constexpr, PRECISION_T: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    row_block, col_block, valid = _pass1_tile(tl.program_id(0), N, FRAME, NB, NBAND, MODE, BLOCK, GROUP)
+    if valid:
+        local = tl.arange(0, BLOCK)
+        rows = row_block * BLOCK + local
+        cols = col_block * BLOCK + local
+        row_ok = rows < N
+        col_ok = cols < N
+        # Tokens past N read inverse norm 0: their Ŝ and T̂ are 0 and the keep mask drops them.
+        rt_rows = tl.load(RT + b * N + rows, mask=row_ok, other=0.0)
+        rt_cols = tl.load(RT + b * N + cols, mask=col_ok, other=0.0)
+        rs_rows = tl.load(RS + b * N + rows, mask=row_ok, other=0.0)
+        rs_cols = tl.load(RS + b * N + cols, mask=col_ok, other=0.0)
+        t_hat = _gram(T, b, rows, cols, row_ok, col_ok, DT, t_stride_b, t_stride_n, t_stride_d, BLOCK_K,
+                      PRECISION_T, BLOCK, BLOCK)
+        t_hat = t_hat * rt_rows[:, None] * rt_cols[None, :]
+        s_hat = _gram(S, b, rows, cols, row_ok, col_ok, DS, s_stride_b, s_stride_n, s_stride_d, BLOCK_K,
+                      PRECISION_S, BLOCK, BLOCK)
+        s_hat = s_hat * rs_rows[:, None] * rs_cols[None, :]
+        delta = s_hat - t_hat
+        excess = _relu_excess(delta, _kept_pairs(rows, cols, row_ok, col_ok, FRAME, MODE), margin)
+        slot = _tile_index(row_block, col_block, NB, NBAND, MODE)
+        weight = tl.where(row_block == col_block, 1.0, 2.0)  # off the diagonal the tile also stands for (J, I)
+        tl.store(LOSS_PART + b * NTILES + slot, tl.sum(tl.sum(excess, axis=1), axis=0) * weight)
+        if WRITE_MAP:
+            g = tl.where(excess > 0, tl.where(delta > 0, 1.0, -1.0), 0.0)
+            # Radial terms x̂_i·dx̂_i = Σ_j g_ij Ŝ_ij: row sums feed tokens I, column sums tokens J (through the
+            # mirror tile). Pass 2 weights column j by r_j rounded to the input dtype; the same rounding here
+            # keeps the radial term exactly the one of the dx̂ that pass 2 computes, so their difference (the
+            # gradient) does not inherit that rounding, even when it is much smaller than either. Done before the
+            # map is packed, so that the Gram tiles die before the bit planes are built.
+            partials = CPART + (b * NTILES + slot) * (NWHO * 2 * BLOCK)
+            if C_S:
+                _store_radial(partials, g * s_hat, _rounding(rs_rows, S, WIDE_S), _rounding(rs_cols, S, WIDE_S),
+                              BLOCK)
+            if C_T:
+                _store_radial(partials + (NWHO - 1) * 2 * BLOCK, g * t_hat, _rounding(rt_rows, T, WIDE_T),
+                              _rounding(rt_cols, T, WIDE_T), BLOCK)
+            words = BLOCK * (BLOCK // 32)
+            offsets = local[:, None] * (BLOCK // 32) + tl.arange(0, BLOCK // 32)[None, :]
+            tile_map = MAP + (b * NTILES + slot) * (2 * words)
+            tl.store(tile_map + offsets, _pack_bits((g > 0).to(tl.int32), BLOCK))
+            tl.store(tile_map + words + offsets, _pack_bits((g < 0).to(tl.int32), BLOCK))
+
+
+@triton.jit
+def _rounding(scale, X, WIDE: tl.constexpr):
+    """scale rounded to the gradient weights' dtype (X's, or float32 when WIDE), over scale (1 where it is 0)."""
+    if WIDE:
+        return tl.full(scale.shape, 1.0, tl.float32)
+    rounded = scale.to(X.dtype.element_ty).to(tl.float32)
+    return tl.where(scale == 0, 1.0, rounded) / tl.where(scale == 0, 1.0, scale)
+
+
+@triton.jit
+def _store_radial(partials, g_hat, row_rounding, col_rounding, BLOCK: tl.constexpr):
+    local = tl.arange(0, BLOCK)
+    tl.store(partials + local, tl.sum(g_hat * col_rounding[None, :], axis=1))
+    tl.store(partials + BLOCK + local, tl.sum(g_hat * row_rounding[:, None], axis=0))
+
+
+@triton.jit
+def _pair_signs(MAP, b, NTILES, slot, BLOCK: tl.constexpr):
+    """g of tile `slot` as int32 ±1/0, (BLOCK, BLOCK), in the orientation pass 1 stored it."""
+    words = BLOCK * (BLOCK // 32)
+    offsets = tl.arange(0, BLOCK)[:, None] * (BLOCK // 32) + tl.arange(0, BLOCK // 32)[None, :]
+    tile_map = MAP + (b * NTILES + slot) * (2 * words)
+    return _unpack_bits(tl.load(tile_map + offsets), BLOCK) - _unpack_bits(tl.load(tile_map + words + offsets), BLOCK)
+
+
+@triton.jit
+def _add_columns(acc, MAP, b, NTILES, slot, X, R, N, col_block, ds, d_ok, x_stride_b, x_stride_n, x_stride_d,
+                 TRANSPOSED: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + (G_IJ·diag(r_J)) @ X_J[:, ds], G_IJ from the map of tile `slot`, stored as (J, I) when TRANSPOSED.
+    The weights are cast to the operand dtype before the transpose, which then moves half the bytes."""
+    cols = col_block * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < N
+    r = tl.load(R + b * N + cols, mask=col_ok, other=0.0)
+    g = _pair_signs(MAP, b, NTILES, slot, BLOCK).to(tl.float32)
+    w = g * r[:, None] if TRANSPOSED else g * r[None, :]
+    if not WIDE:
+        w = w.to(X.dtype.element_ty)
+    if TRANSPOSED:
+        w = tl.trans(w)
+    x = tl.load(X + b * x_stride_b + cols[:, None] * x_stride_n + ds[None, :] * x_stride_d,
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    return _weighted_dot(w, x, acc, WIDE, PRECISION)
+
+
+@triton.jit
+def _pass2_kernel(
+    X, R, Q, MAP, CPART, COEF, OUT,
+    N, D, FRAME, NB, NBAND, NTILES,
+    x_stride_b, x_stride_n, x_stride_d, out_stride_b, out_stride_n,
+    MODE: tl.constexpr, WHO: tl.constexpr, NWHO: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    row_block = tl.program_id(0)
+    b = tl.program_id(2).to(tl.int64)
+    local = tl.arange(0, BLOCK)
+    rows = row_block * BLOCK + local
+    row_ok = rows < N
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    if MODE == 1:
+        first, last = _band(row_block * BLOCK, N, FRAME, BLOCK)
+    else:
+        first = 0
+        last = NB - 1
+    partial_row = CPART + b * NTILES * (NWHO * 2 * BLOCK) + WHO * 2 * BLOCK + local
+    acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+    radial = tl.zeros((BLOCK,), dtype=tl.float32)
+    # J < I: only (J, I) was visited; its map and column partials, transposed, hold the pairs (i in I, j in J).
+    for col_block in range(first, row_block):
+        slot = _tile_index(col_block, row_block, NB, NBAND, MODE)
+        radial += tl.load(partial_row + slot * (NWHO * 2 * BLOCK) + BLOCK)
+        acc = _add_columns(acc, MAP, b, NTILES, slot, X, R, N, col_block, ds, d_ok, x_stride_b, x_stride_n,
+                           x_stride_d, True, WIDE, BLOCK, PRECISION)
+    for col_block in range(row_block, last + 1):
+        slot = _tile_index(row_block, col_block, NB, NBAND, MODE)
+        radial += tl.load(partial_row + slot * (NWHO * 2 * BLOCK))
+        acc = _add_columns(acc, MAP, b, NTILES, slot, X, R, N, col_block, ds, d_ok, x_stride_b, x_stride_n,
+                           x_stride_d, False, WIDE, BLOCK, PRECISION)
+    # dL/dx_i = coef·(r_i·dx̂_i − r_i²·(x̂_i·dx̂_i)·x_i); the radial factor r_i² is 0 where the norm was clamped.
+    r = tl.load(R + b * N + rows, mask=row_ok, other=0.0)
+    q = tl.load(Q + b * N + rows, mask=row_ok, other=0.0)
+    mask = row_ok[:, None] & d_ok[None, :]
+    x = tl.load(X + b * x_stride_b + rows[:, None] * x_stride_n + ds[None, :] * x_stride_d, mask=mask, other=0.0)
+    grad = tl.load(COEF + b) * (r[:, None] * acc - (q * radial)[:, None] * x.to(tl.float32))
+    tl.store(OUT + b * out_stride_b + rows[:, None] * out_stride_n + ds[None, :],
+             grad.to(OUT.dtype.element_ty), mask=mask)
+
+
+# Launch configurations by rule (no timing), so every process runs the same tiles and gets the same bits. Chosen
+# from sm_90 compiles (bench/compile_report.py; bench/NOTES.md v4): the first of each list is the default, the
+# others are what `select_configs` falls back to and what a GPU sweep should time. Pass 1 only multiplies in the
+# input dtype (bf16 and fp16 alike); pass 2's float16 weights are float32 (three-TF32), which needs smaller tiles.
+PASS1_CANDIDATES = {
+    "bf16": [LaunchConfig.of(8, 3, BLOCK=128, BLOCK_K=64), LaunchConfig.of(4, 3, BLOCK=64, BLOCK_K=64),
+             LaunchConfig.of(8, 4, BLOCK=64, BLOCK_K=64)],
+    "fp32": [LaunchConfig.of(4, 3, BLOCK=64, BLOCK_K=32), LaunchConfig.of(8, 3, BLOCK=64, BLOCK_K=32)],
+}
+PASS1_CANDIDATES["fp16"] = PASS1_CANDIDATES["bf16"]
+PASS2_CANDIDATES = {
+    "bf16": [LaunchConfig.of(8, 3, BLOCK_D=128), LaunchConfig.of(8, 2, BLOCK_D=256),
+             LaunchConfig.of(4, 3, BLOCK_D=64)],
+    "fp16": [LaunchConfig.of(4, 3, BLOCK_D=64), LaunchConfig.of(8, 3, BLOCK_D=128)],
+    "fp32": [LaunchConfig.of(4, 3, BLOCK_D=64), LaunchConfig.of(8, 3, BLOCK_D=64)],
+}
+# The interpreter's configuration: small tiles keep it fast, GROUP = 2 walks real super-tiles.
+INTERPRETER_CONFIGS = (LaunchConfig.of(1, 1, BLOCK=32, BLOCK_K=32), LaunchConfig.of(1, 1, BLOCK_D=32), 2)
+# Row-tile operands (both inputs) above this many bytes no longer stay in L2 across a row of tiles: group them.
+L2_GROUP_BYTES = 16 << 20
+
+
+def select_configs(problem: TRDProblem, need_s: bool, need_t: bool) -> tuple[LaunchConfig, LaunchConfig, int]:
+    """(pass 1 config, pass 2 config, GROUP) for a problem: a pure function of its shapes, dtypes and which
+    gradients it computes."""
+    if interpreter_enabled():
+        return INTERPRETER_CONFIGS
+    s, t = problem.student, problem.teacher
+    family = dtype_family(s.dtype, t.dtype)
+    pass1 = PASS1_CANDIDATES[family][0]
+    # 64-token tiles where 128 would spill in sm_90 compiles (both gradients' radial sums; float16's float32
+    # weights in pass 2) or leave SMs idle (short clips).
+    spills = (need_s and need_t) or (family == "fp16" and (need_s or need_t))
+    if pass1["BLOCK"] > 64 and (spills or problem.tokens <= 1024):
+        pass1 = PASS1_CANDIDATES[family][1]
+    operand_bytes = problem.tokens * (s.shape[2] * s.element_size() + t.shape[2] * t.element_size())
+    return pass1, PASS2_CANDIDATES[family][0], 8 if operand_bytes > L2_GROUP_BYTES else 1
+
+
+def tile_grid(problem: TRDProblem, block: int) -> tuple[int, int, int]:
+    """(row blocks NB, band tiles per row block NBAND, per-tile slots NTILES)."""
+    blocks = triton.cdiv(problem.tokens, block)
+    if problem.mode == "spatial":
+        band = min(blocks, (block + problem.tokens_per_frame - 2) // block + 1)
+        return blocks, band, blocks * band
+    return blocks, 1, blocks * (blocks + 1) // 2
+
+
+def pair_map_bytes(problem: TRDProblem, need_s: bool, need_t: bool) -> int:
+    """Bytes pass 1 keeps for pass 2: the 2-bit map, plus 2·BLOCK float32 radial partials per tile and gradient."""
+    if not (need_s or need_t):
+        return 0
+    block = select_configs(problem, need_s, need_t)[0]["BLOCK"]
+    tiles = problem.batch * tile_grid(problem, block)[2]
+    return tiles * (block * block // 4 + (need_s + need_t) * 2 * block * 4)
+
+
+def pass1_launch(problem, r_s, r_t, need_s: bool, need_t: bool, configs):
+    """(kernel, grid, args, kwargs, (loss_part, pair_map, radial)) of pass 1: the map and radial partials only
+    when a gradient is wanted."""
+    pass1, _, group = configs
+    block = pass1["BLOCK"]
+    s, t = problem.student, problem.teacher
+    blocks, band, tiles = tile_grid(problem, block)
+    write_map = need_s or need_t
+    nwho = int(need_s) + int(need_t)
+    # Spatial mode launches NBAND programs per row block, some past the band's end: their slots stay 0.
+    loss_part = (torch.zeros if problem.mode == "spatial" else new_output)((problem.batch, tiles), device=s.device)
+    pair_map = radial = loss_part  # stand-in pointers for buffers the kernel is compiled not to touch
+    if write_map:
+        pair_map = new_output((problem.batch, tiles, 2, block, block // 32), s.device, torch.int32)
+        radial = new_output((problem.batch, tiles, nwho, 2, block), s.device)
+    if problem.mode == "spatial":
+        programs = tiles
+    else:
+        supers = triton.cdiv(blocks, group)
+        programs = supers * (supers + 1) // 2 * group * group
+    args = (s, t, r_s, r_t, loss_part, pair_map, radial, problem.tokens, s.shape[2], t.shape[2],
+            problem.tokens_per_frame, blocks, band, tiles, problem.margin, *s.stride(), *t.stride())
+    kwargs = dict(MODE=MODE_IDS[problem.mode], WRITE_MAP=write_map, C_S=need_s, C_T=need_t, NWHO=max(nwho, 1),
+                  WIDE_S=wide_weights(s.dtype), WIDE_T=wide_weights(t.dtype), GROUP=group,
+                  PRECISION_S=dot_precision(s.dtype), PRECISION_T=dot_precision(t.dtype), **pass1.launch_kwargs())
+    return _pass1_kernel, (programs, problem.batch), args, kwargs, (loss_part, pair_map, radial)
+
+
+def pass2_launch(problem, x, r, clamped, pair_map, radial, coef, who: int, nwho: int, configs):
+    """(kernel, grid, args, kwargs, gradient) of pass 2 for input x (the student's or the teacher's)."""
+    pass1, pass2, _ = configs
+    block = pass1["BLOCK"]
+    blocks, band, tiles = tile_grid(problem, block)
+    out = new_output(x.shape, x.device, x.dtype)
+    grid = (blocks, triton.cdiv(x.shape[2], pass2["BLOCK_D"]), problem.batch)
+    args = (x, r, radial_factor(r, clamped), pair_map, radial, coef, out, problem.tokens, x.shape[2],
+            problem.tokens_per_frame, blocks, band, tiles, *x.stride(), out.stride(0), out.stride(1))
+    kwargs = dict(MODE=MODE_IDS[problem.mode], WHO=who, NWHO=nwho, WIDE=wide_weights(x.dtype), BLOCK=block,
+                  PRECISION=dot_precision(x.dtype), **pass2.launch_kwargs())
+    return _pass2_kernel, grid, args, kwargs, out
+
+
+def launch(kernel, grid, args, kwargs, outputs):
+    kernel[grid](*args, **kwargs)
+    return outputs
+
+
+def clip_sum(loss_part: torch.Tensor) -> torch.Tensor:
+    """Per clip, a fixed-order reduction of the tile partials in float64: the same bits in every run."""
+    return loss_part.sum(dim=1, dtype=torch.float64)
+
+
+class _TwoPassTRD(torch.autograd.Function):
+    """Pass 1 in forward (loss; map and radial partials saved); pass 2 in backward, scaled by grad_output."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, problem, need_s, need_t, configs):
+        (r_s, clamped_s), (r_t, clamped_t) = inverse_norms(student), inverse_norms(teacher)
+        loss_part, pair_map, radial = launch(*pass1_launch(problem, r_s, r_t, need_s, need_t, configs))
+        clip_sums = clip_sum(loss_part)
+        ctx.problem, ctx.configs, ctx.need = problem, configs, (need_s, need_t)
+        saved_s = (student, r_s, clamped_s) if need_s else (None,) * 3
+        saved_t = (teacher, r_t, clamped_t) if need_t else (None,) * 3
+        ctx.save_for_backward(clip_sums, pair_map, radial, *saved_s, *saved_t)
+        return (clip_sums.sum() / problem.num_pairs).float()
+
+    @staticmethod
+    @differentiable_once
+    def backward(ctx, grad_output):
+        clip_sums, pair_map, radial, *inputs = ctx.saved_tensors
+        need_s, need_t = ctx.need
+        coef = (gradient_scale(clip_sums, ctx.problem.num_pairs) * grad_output.double()).float()
+        nwho = int(need_s) + int(need_t)
+        grad_s = grad_t = None
+        if need_s:
+            grad_s = launch(*pass2_launch(ctx.problem, *inputs[:3], pair_map, radial, coef, 0, nwho, ctx.configs))
+        if need_t:
+            grad_t = launch(*pass2_launch(ctx.problem, *inputs[3:], pair_map, radial, -coef, nwho - 1, nwho,
+                                          ctx.configs))
+        return grad_s, grad_t, None, None, None, None
+
+
+def two_pass_trd_loss(problem: TRDProblem, configs=None) -> torch.Tensor:
+    check_inputs(problem)
+    s, t = problem.student, problem.teacher
+    need_s = torch.is_grad_enabled() and s.requires_grad
+    need_t = torch.is_grad_enabled() and t.requires_grad
+    configs = configs or select_configs(problem, need_s, need_t)
+    # Autocast off: the kernels take the inputs in the dtypes they arrive in, whatever the step's autocast says.
+    with torch.autocast(s.device.type, enabled=False):
+        if not (need_s or need_t):
+            with torch.no_grad():
+                launched = pass1_launch(problem, inverse_norms(s)[0], inverse_norms(t)[0], False, False, configs)
+                clip_sums = clip_sum(launch(*launched)[0])
+            return (clip_sums.sum() / problem.num_pairs).float()
+        return _TwoPassTRD.apply(s, t, problem, need_s, need_t, configs)
