@@ -54,7 +54,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("alignment")
     g.add_argument("--align-loss", choices=ALIGN_LOSSES, default="trd", help="trd (VideoREPA), repa (cosine "
                    "baseline) or none (plain finetuning)")
-    g.add_argument("--align-layer", type=int, help="transformer block whose output is aligned (0-based)")
+    g.add_argument("--align-layer", type=int, help="align the output of the K-th transformer block, counted from 1 "
+                   "as the paper's flag: 18 (the presets' value) aligns after 18 blocks (default: the preset's)")
     g.add_argument("--relation-grid", choices=GRIDS, default="teacher", help="teacher: the paper's token matching; "
                    "student: teacher resampled to the student's full grid")
     g.add_argument("--trd-weight", type=float, default=0.5)

@@ -1,7 +1,8 @@
 """Named training presets: resolution, frames, where to align, head widths and learning rate.
 
-`cogvideox-2b` follows the paper's recipe (49×480×720 video, block 18, teacher at 160×240, lr 2e-6). `tiny` is the
-embedded default: models built in code with random weights, small enough to train on a CPU in minutes.
+`cogvideox-2b` follows the paper's recipe (49×480×720 video, the output of the 18th block, teacher at 160×240, lr
+2e-6). `tiny` is the embedded default: models built in code with random weights, small enough to train on a CPU in
+minutes; it aligns the output of the first of its two blocks.
 """
 
 from dataclasses import dataclass, replace
@@ -13,7 +14,9 @@ class Preset:
     num_frames: int  # pixel frames fed to the VAE: 4k + 1
     height: int
     width: int
-    align_layer: int  # hidden states after this transformer block are aligned (0-based)
+    # The output of the align_layer-th transformer block is aligned, counted from 1 as the paper's --align_layer: 18
+    # means after 18 blocks, transformer_blocks[17].
+    align_layer: int
     projector_hidden: int  # projector MLP: D_student -> hidden -> hidden -> D_teacher
     teacher_height: int  # teacher input resolution
     teacher_width: int
@@ -22,7 +25,7 @@ class Preset:
 
 
 PRESETS = {
-    "tiny": Preset("tiny", 9, 64, 96, 0, 64, 32, 48, 1e-3, 1e-3),
+    "tiny": Preset("tiny", 9, 64, 96, 1, 64, 32, 48, 1e-3, 1e-3),
     "cogvideox-2b": Preset("cogvideox-2b", 49, 480, 720, 18, 2048, 160, 240, 2e-6, 1e-4),
     "cogvideox-5b": Preset("cogvideox-5b", 49, 480, 720, 18, 2048, 160, 240, 2e-6, 1e-4),
 }
