@@ -17,10 +17,14 @@ from videorepa.teachers import convert_videomaev2_state_dict, fit_position_table
 from videorepa.video_io import read_video, write_video  # noqa: E402
 
 
-def official_videomaev2_state(hidden=32, layers=2, tubelet=2, patch=16, mlp=64, seed=0):
-    """A state dict with the official VideoMAEv2 checkpoint's key names (timm-style ViT, q_bias/v_bias)."""
+def official_videomaev2_state(hidden=32, layers=2, tubelet=2, patch=16, mlp=64, seed=0, device="cpu"):
+    """A state dict with the official VideoMAEv2 checkpoint's key names (timm-style ViT, q_bias/v_bias); random
+    values, or shapes only on the meta device."""
     gen = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+
+    def r(*shape):
+        return torch.empty(shape, device="meta") if device == "meta" else torch.randn(*shape, generator=gen)
+
     state = {"patch_embed.proj.weight": r(hidden, 3, tubelet, patch, patch), "patch_embed.proj.bias": r(hidden),
              "fc_norm.weight": r(hidden), "fc_norm.bias": r(hidden), "head.weight": r(710, hidden),
              "head.bias": r(710)}

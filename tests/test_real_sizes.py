@@ -84,3 +84,53 @@ def test_align_layer_counts_blocks_from_one(name):
     for bad in (0, blocks + 1):
         with pytest.raises(ValueError, match=f"--align-layer must be in \\[1, {blocks}\\]"):
             VideoREPAModel(transformer, build_scheduler(), None, bad)
+
+
+def meta_videomaev2_teacher(tmp_path, preset):
+    """VideoMAEv2 ViT-B/16 loaded by load_teacher from a checkpoint in the official layout, all on the meta device."""
+    from test_components import official_videomaev2_state
+
+    from videorepa.teachers import load_teacher
+
+    path = tmp_path / "vit_b_k710_dl_from_giant.pth"
+    torch.save(official_videomaev2_state(hidden=768, layers=12, mlp=3072, device="meta"), path)
+    with torch.device("meta"):
+        return load_teacher("videomaev2", str(path), preset.teacher_height, preset.teacher_width, preset.num_frames)
+
+
+@pytest.mark.parametrize("relation_grid, tokens, per_frame", [("teacher", 3600, 150), ("student", 32400, 1350)])
+@pytest.mark.parametrize("name", REAL)
+def test_a_training_step_at_the_papers_size(tmp_path, name, relation_grid, tokens, per_frame):
+    from train import grids
+
+    preset = get_preset(name)
+    transformer = meta_transformer(name)
+    cfg = transformer.config
+    width = cfg.num_attention_heads * cfg.attention_head_dim
+    pipe = stand_in_pipeline(transformer)
+    teacher = meta_videomaev2_teacher(tmp_path, preset)
+    student_grid, teacher_grid = grids(pipe, teacher, preset)
+    assert (student_grid, teacher_grid) == ((13, 30, 45), (24, 10, 15))
+
+    video = torch.empty(1, preset.num_frames, 3, preset.height, preset.width, device="meta")
+    teacher_tokens = teacher(video)
+    assert teacher_tokens.shape == (1, 24, 10, 15, 768)
+    with torch.device("meta"):
+        aligner = TokenAligner(width, teacher.dim, preset.projector_hidden, student_grid, teacher_grid, relation_grid)
+    # The fused backends and the spatial/temporal masks need real values; the naive full formula is shapes only.
+    model = VideoREPAModel(transformer, build_scheduler(), aligner, preset.align_layer, trd_backend="naive")
+    latents = torch.empty(1, 13, cfg.in_channels, 60, 90, device="meta")
+    from videorepa.diffusion import rotary_embeddings
+
+    rotary = rotary_embeddings(pipe, latents)
+    assert (rotary is not None) == (name == "cogvideox-5b")
+    text = torch.empty(1, 226, 4096, device="meta")
+    out = model(latents, text, teacher_tokens, rotary, torch.Generator().manual_seed(0))
+    assert out["loss"].shape == out["loss_align"].shape == ()
+    out["loss"].backward()
+    assert aligner.projector.net[0].weight.grad.shape == (preset.projector_hidden, width)
+    assert transformer.transformer_blocks[0].attn1.to_q.weight.grad is not None
+
+    hidden = torch.empty(1, 13 * 30 * 45, width, device="meta")
+    student, target = aligner(hidden, teacher_tokens)
+    assert student.shape == target.shape == (1, tokens, 768) and aligner.tokens_per_frame == per_frame
