@@ -344,3 +344,14 @@ def test_atomic_path_leaves_old_file_on_failure(tmp_path):
     with atomic_path(str(target)) as tmp, open(tmp, "w") as f:
         f.write("new")
     assert target.read_text() == "new" and os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_feature_cache_entries_of_another_format_are_not_read(tmp_path, monkeypatch):
+    import videorepa.feature_cache as feature_cache
+
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    cache = feature_cache.FeatureCache(str(tmp_path / "cache"), {"frames": 9})
+    key = cache.key(str(tmp_path / "clip.mp4"), "a ball")
+    cache.store(key, {"teacher": torch.ones(2)})
+    monkeypatch.setattr(feature_cache, "FORMAT", feature_cache.FORMAT + 1)
+    assert cache.load(cache.key(str(tmp_path / "clip.mp4"), "a ball")) is None
