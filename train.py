@@ -286,9 +286,14 @@ def save_final(args, pipe, model, weights):
         from peft.utils import get_peft_model_state_dict
 
         base = args.model or base_model_dir(args)
-        CogVideoXPipeline.save_lora_weights(final, transformer_lora_layers=get_peft_model_state_dict(transformer))
+        # The adapter's config (α and r among it) travels in the safetensors metadata, which a stock
+        # load_lora_weights reads back: without it, diffusers assumes α = r.
+        config = transformer.peft_config["default"]
+        CogVideoXPipeline.save_lora_weights(final, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                            transformer_lora_adapter_metadata=config.to_dict())
         with open(os.path.join(final, "videorepa.json"), "w") as f:
-            json.dump({"base_model": os.path.abspath(base), "lora_rank": args.lora_rank}, f, indent=1)
+            json.dump({"base_model": os.path.abspath(base), "lora_rank": config.r, "lora_alpha": config.lora_alpha},
+                      f, indent=1)
     else:
         pipe.save_pretrained(final)
     heads = {k[len("aligner."):]: v for k, v in weights.items() if k.startswith("aligner.")}

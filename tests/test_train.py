@@ -111,6 +111,38 @@ def test_lora_final_loads_onto_its_base(tmp_path, clips):
         assert torch.equal(state[name], trained[key]) and trained[key].abs().sum() > 0
 
 
+def test_lora_final_applies_the_trained_alpha_through_the_stock_loader(tmp_path, clips):
+    """LoRA at α ≠ r (the 5B recipe's 64/128): a stock `load_lora_weights(final)` reads α from the adapter metadata
+    saved with the weights and reproduces the trained transformer."""
+    from diffusers import CogVideoXPipeline
+    from peft import LoraConfig
+
+    run_train(tmp_path, "--max-steps", "2", "--lora-rank", "4", "--lora-alpha", "2", "--learning-rate", "1e-2",
+              data=clips)
+    with open(tmp_path / "final" / "videorepa.json") as f:
+        info = json.load(f)
+    stock = CogVideoXPipeline.from_pretrained(info["base_model"])
+    stock.load_lora_weights(tmp_path / "final")
+
+    def trained_transformer(alpha):
+        transformer = CogVideoXPipeline.from_pretrained(info["base_model"]).transformer
+        transformer.add_adapter(LoraConfig(r=4, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        weights = load_file(tmp_path / "checkpoint-2" / "trainable.safetensors")
+        missing = transformer.load_state_dict(
+            {k[len("transformer."):]: v for k, v in weights.items() if k.startswith("transformer.")}, strict=False)
+        assert not missing.unexpected_keys
+        return transformer.eval()
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 3, 4, 8, 12, generator=gen),
+                  encoder_hidden_states=torch.randn(1, 128, 32, generator=gen), timestep=torch.tensor([500]))
+    with torch.no_grad():
+        loaded = stock.transformer.eval()(**inputs).sample
+        torch.testing.assert_close(loaded, trained_transformer(2.0)(**inputs).sample)
+        assert not torch.allclose(loaded, trained_transformer(4.0)(**inputs).sample, rtol=0, atol=1e-4)
+    assert (info["lora_rank"], info["lora_alpha"]) == (4, 2)
+
+
 def test_bad_videos_are_skipped_and_counted(tmp_path, clips):
     folder = tmp_path / "mixed"
     shutil.copytree(os.path.dirname(clips), folder)
