@@ -301,7 +301,13 @@ def save_final(args, pipe, model, weights):
     return final
 
 
-def write_validation_videos(args, pipe, step, device, write=True):
+def autocast(device, dtype):
+    """The mixed-precision context of training, for validation too: the float32 transformer then meets the VAE's
+    and the text encoder's bf16 tensors in bf16."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def write_validation_videos(args, pipe, step, device, autocast_dtype, write=True):
     from videorepa.models import generate_video
     from videorepa.video_io import write_video
 
@@ -310,7 +316,9 @@ def write_validation_videos(args, pipe, step, device, write=True):
     os.makedirs(folder, exist_ok=True)
     pipe.transformer.eval()
     for i, prompt in enumerate(args.validation_prompt or ["A red ball falls and bounces on the floor."]):
-        frames = generate_video(pipe, prompt, args.seed, cfg.num_frames, cfg.height, cfg.width, args.validation_steps)
+        with autocast(device, autocast_dtype):
+            frames = generate_video(pipe, prompt, args.seed, cfg.num_frames, cfg.height, cfg.width,
+                                    args.validation_steps)
         if write:
             write_video(os.path.join(folder, f"step-{step:06d}-{i}.mp4"), frames)
     pipe.transformer.train()
@@ -391,10 +399,8 @@ def main(argv=None):
             latents = sample_latents(pipe.vae, latent_dist, generator)
             sync = contextlib.nullcontext() if micro == args.gradient_accumulation_steps - 1 \
                 else no_gradient_sync(trained, parallel)
-            autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype \
-                else contextlib.nullcontext()
             with sync:
-                with autocast, attention_kernel(attention):
+                with autocast(device, autocast_dtype), attention_kernel(attention):
                     out = trained(latents, embeds, teacher_tokens, rotary_embeddings(pipe, latents), generator)
                 finite = torch.isfinite(out["loss"].detach()).float()
                 if world > 1:  # every rank stops together, instead of the others waiting in the gradient all-reduce
@@ -432,7 +438,7 @@ def main(argv=None):
                     args.checkpoints_total_limit)
             barrier(world)
         if args.validation_every and step % args.validation_every == 0 and (rank == 0 or parallel == "fsdp"):
-            write_validation_videos(args, pipe, step, device, write=rank == 0)  # sharded: every rank samples
+            write_validation_videos(args, pipe, step, device, autocast_dtype, write=rank == 0)  # sharded: all sample
     progress.close()
     weights, _ = gather_state(model)
     if rank == 0:

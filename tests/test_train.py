@@ -242,6 +242,18 @@ def test_accumulation_checkpointing_full_grid_and_validation_videos(tmp_path, cl
     assert read_video(str(tmp_path / "validation" / videos[0])).shape == (9, 64, 96, 3)
 
 
+def test_validation_videos_from_a_saved_pipeline_in_bf16(tmp_path, clips):
+    # As with a real model: VAE and T5 load in bf16, the transformer trains in float32.
+    from videorepa.models import build_tiny_pipeline
+
+    build_tiny_pipeline().save_pretrained(tmp_path / "pipeline")
+    run_train(tmp_path / "out", "--max-steps", "1", "--model", str(tmp_path / "pipeline"), "--mixed-precision", "bf16",
+              "--validation-every", "1", "--validation-steps", "2", data=clips)
+    from videorepa.video_io import read_video
+
+    assert read_video(str(tmp_path / "out" / "validation" / "step-000001-0.mp4")).shape == (9, 64, 96, 3)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, clips, monkeypatch):
     import videorepa.training as training
 
