@@ -289,6 +289,27 @@ def test_batch_order_resumes_exactly():
     assert not {i for i, *_ in ranks[0]} & {i for i, *_ in ranks[1]}
 
 
+@pytest.mark.parametrize("size, batch, world", [(9, 1, 2), (10, 3, 4), (1, 2, 3), (7, 2, 3), (12, 2, 3)])
+def test_every_rank_gets_the_same_batches_per_epoch(size, batch, world):
+    """As DistributedSampler: each epoch's order is padded by repeating its start to a multiple of the world size, so
+    every rank gets ceil(size / world) clips in the same number of non-empty batches."""
+    per_rank = -(-size // world)
+    batches = -(-per_rank // batch)
+    epochs = {r: [] for r in range(world)}
+    for rank in range(world):
+        stream = iter(BatchOrder(size, batch, seed=4, rank=rank, world=world))
+        epochs[rank] = [[next(stream) for _ in range(batches)] for _ in range(2)]
+    for epoch in range(2):
+        seen = []
+        for rank in range(world):
+            chunks = epochs[rank][epoch]
+            assert all(chunks) and sum(map(len, chunks)) == per_rank
+            assert {e for chunk in chunks for _, e, _ in chunk} == {epoch}
+            seen += [i for chunk in chunks for i, *_ in chunk]
+        assert set(seen) == set(range(size)) and len(seen) == per_rank * world
+    assert BatchOrder(size, batch, seed=4, rank=0, world=world).batches_per_epoch == batches
+
+
 def test_transformers_teachers_load_from_local_directories(tmp_path):
     from transformers import VideoMAEConfig, VideoMAEModel
 

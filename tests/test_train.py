@@ -217,6 +217,24 @@ def test_torchrun_two_cpu_processes_resume_exactly(tmp_path, clips, sharding):
     assert heads.keys() == {k[len("aligner."):] for k in straight if k.startswith("aligner.")}
 
 
+def nine_clips(folder, clips):
+    """The eight shared clips plus the first again under another caption: a dataset of 9."""
+    with open(clips) as f:
+        lines = f.read().splitlines()
+    video = lines[1].split(",")[0]
+    path = os.path.join(os.path.dirname(clips), f"nine-{os.path.basename(folder)}.csv")
+    with open(path, "w") as f:
+        f.write("\n".join([*lines, f"{video},the same clip again"]) + "\n")
+    return path
+
+
+def test_torchrun_crosses_an_uneven_epoch_boundary(tmp_path, clips):
+    # 9 clips, batch 1, 2 ranks: 5 batches per rank and epoch (one clip twice, as DistributedSampler pads), so step
+    # 5 ends the first epoch with one clip for each rank.
+    torchrun(tmp_path, nine_clips(tmp_path, clips), "--max-steps", "7", "--batch-size", "1", port=29771)
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 8))
+
+
 def test_fsdp_trains_like_ddp(tmp_path, clips):
     ddp = torchrun(tmp_path / "ddp", clips, "--max-steps", "2", port=29761)
     fsdp = torchrun(tmp_path / "fsdp", clips, "--max-steps", "2", "--fsdp", "--validation-every", "2",
