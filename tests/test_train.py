@@ -75,6 +75,85 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, clips):
     assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(resumed)]
 
 
+def linear_schedule(peak, warmup, total):
+    """lr of optimizer steps 1..total: linear warm-up from 0, then linear decay to 0 at the end of the run."""
+    return [peak * (s / warmup if s < warmup else (total - s) / (total - warmup)) for s in range(total)]
+
+
+def test_linear_schedule_resumes_exactly_after_a_crash(tmp_path, clips, monkeypatch):
+    args = ["--max-steps", "6", "--checkpoint-every", "3", "--lr-scheduler", "linear", "--warmup-steps", "2",
+            "--learning-rate", "1e-3"]
+    run_train(tmp_path / "straight", *args, data=clips)
+    lrs = [r["lr"] for r in metrics(tmp_path / "straight")]
+    assert lrs == pytest.approx(linear_schedule(1e-3, 2, 6), rel=1e-12, abs=1e-15)
+
+    import videorepa.training as training
+
+    real, calls = training.diffusion_loss, []
+
+    def crash_in_step_5(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("the machine went away")
+        return real(*a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "diffusion_loss", crash_in_step_5)
+        with pytest.raises(KeyboardInterrupt):
+            run_train(tmp_path / "resumed", *args, data=clips)
+    run_train(tmp_path / "resumed", *args, "--resume", "latest", data=clips)
+    assert [r["lr"] for r in metrics(tmp_path / "resumed")] == lrs
+    a = load_file(tmp_path / "straight" / "checkpoint-6" / "trainable.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint-6" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]),
+    ("cosine", [0.0, 0.5, 1.0, 0.5 + 0.5 * np.cos(np.pi / 4), 0.5, 0.5 - 0.5 * np.cos(np.pi / 4)]),
+])
+def test_lr_schedules_warm_up_then_hold_or_decay(name, expected):
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = train.lr_schedule(optimizer, name, warmup_steps=2, total_steps=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs == pytest.approx([2.0 * e for e in expected])
+
+
+def test_presets_default_to_the_papers_recipe():
+    # official: finetune/scripts/multigpu_VideoREPA_2B_sft.sh and multigpu_VideoREPA_5B_lora.sh
+    paper = {"batch_size": 4, "lr_scheduler": "linear", "warmup_steps": 2, "max_steps": None}
+    paths = ["--model", "/m", "--teacher-path", "/t.pth"]
+    two_b = train.parse_args(["--preset", "cogvideox-2b", *paths])
+    assert {k: getattr(two_b, k) for k in paper} == paper
+    assert (two_b.lora_rank, two_b.learning_rate, two_b.num_epochs) == (0, 2e-6, 4)
+    five_b = train.parse_args(["--preset", "cogvideox-5b", *paths])
+    assert {k: getattr(five_b, k) for k in paper} == paper
+    assert (five_b.lora_rank, five_b.lora_alpha, five_b.learning_rate, five_b.num_epochs) == (128, 64, 1e-4, 1)
+    full_5b = train.parse_args(["--preset", "cogvideox-5b", *paths, "--lora-rank", "0", "--fsdp"])
+    assert (full_5b.lora_rank, full_5b.learning_rate) == (0, 2e-6)
+    assert train.parse_args(["--preset", "cogvideox-5b", *paths, "--lora-rank", "16"]).lora_alpha == 16
+    tiny = train.parse_args([])
+    assert (tiny.batch_size, tiny.lr_scheduler, tiny.max_steps, tiny.num_epochs) == (2, "constant", 300, None)
+    assert train.parse_args(["--num-epochs", "2"]).max_steps is None
+
+
+def test_num_epochs_sets_the_run_length_from_the_data(tmp_path, clips):
+    # 8 clips, batch 2: 4 batches per epoch; 2 epochs with 2 batches per optimizer step: 4 steps.
+    run_train(tmp_path, "--num-epochs", "2", "--gradient-accumulation-steps", "2", "--checkpoint-every", "100",
+              data=clips)
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
+    state = torch.load(tmp_path / "checkpoint-4" / "training_state.pt", weights_only=False)
+    # official: AdamW with weight decay 1e-4 and DeepSpeed's defaults betas (0.9, 0.999), eps 1e-8 (configs/zero2.yaml
+    # sets only lr and weight decay).
+    group = state["optimizer"]["param_groups"][0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.999), 1e-8, 1e-4)
+
+
 def test_checkpoints_keep_the_newest(tmp_path, clips):
     run_train(tmp_path, "--max-steps", "4", "--checkpoint-every", "1", "--checkpoints-total-limit", "2", data=clips)
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-4"]
@@ -180,6 +259,9 @@ def test_feature_cache_is_filled_once_and_reused(tmp_path, clips):
     (["--max-steps", "0"], "--max-steps must be >= 1"),
     (["--data", "/nonexistent.csv"], "no such file"),
     (["--fsdp", "--lora-rank", "4"], "--fsdp shards a full finetune"),
+    (["--max-steps", "3", "--num-epochs", "1"], "not allowed with argument"),
+    (["--num-epochs", "0"], "--num-epochs must be >= 1"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
 ])
 def test_bad_arguments_fail_fast(argv, message, capsys):
     with pytest.raises(SystemExit):
