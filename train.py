@@ -27,7 +27,7 @@ from videorepa.attention import ATTENTION, attention_kernel, resolve_attention
 from videorepa.checkpoint import latest_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from videorepa.data import BatchOrder, PositionedDataset, VideoCaptionDataset, collate, read_captions
 from videorepa.kernels import BACKENDS, MODES
-from videorepa.parallel import gather_state, no_gradient_sync, wrap
+from videorepa.parallel import gather_state, init_process_groups, no_gradient_sync, wait_for_everyone, wrap
 from videorepa.presets import PRESETS, get_preset, video_size_error
 from videorepa.teachers import TEACHERS
 from videorepa.training import ALIGN_LOSSES
@@ -88,6 +88,9 @@ def parse_args(argv=None):
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer "
                    "state across ranks (FSDP2) instead of replicating them (DDP); full finetunes only")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--dist-timeout", type=int, default=1800, help="under torchrun: seconds a training collective "
+                   "may wait for the other ranks, as the paper's run (default: 1800); ranks waiting for another's "
+                   "validation videos, checkpoint or cache work wait without this limit")
     g.add_argument("--vae-tiling", action="store_true", help="encode clips in tiles: less memory at 49×480×720")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default="runs/tiny", help="default: runs/tiny")
@@ -109,7 +112,8 @@ def parse_args(argv=None):
                                     align_layer=args.align_layer)
     cfg = args.preset_config
     apply_recipe_defaults(args, cfg)
-    for name in ("max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
+    for name in ("max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
+                 "dist_timeout"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.fsdp and args.lora_rank:
@@ -154,21 +158,18 @@ def lr_schedule(optimizer, name: str, warmup_steps: int, total_steps: int):
 # ---------------------------------------------------------------------------------------------------- setup
 
 
-def setup_distributed():
-    """(rank, world size, device) from torchrun's environment; a single process otherwise."""
+def setup_distributed(args):
+    """(rank, world size, device, group to wait in for rank-local work) from torchrun's environment; a single
+    process (and no group) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    waiting = None
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return int(os.environ.get("RANK", "0")), world, device
-
-
-def barrier(world):
-    if world > 1:
-        torch.distributed.barrier()
+        waiting = init_process_groups("nccl" if device.type == "cuda" else "gloo", args.dist_timeout)
+    return int(os.environ.get("RANK", "0")), world, device, waiting
 
 
 def load_models(args, device, frozen_dtype):
@@ -213,7 +214,7 @@ def grids(pipe, teacher, cfg):
     return student, teacher.grid(cfg.num_frames)
 
 
-def build_dataset(args, rank, world, pipe, teacher, device):
+def build_dataset(args, rank, world, waiting, pipe, teacher, device):
     """The training dataset: decoded videos, or the feature cache (filled first, shared out across ranks)."""
     cfg = args.preset_config
     if not args.data:
@@ -223,7 +224,7 @@ def build_dataset(args, rank, world, pipe, teacher, device):
 
             log.info("writing synthetic physics clips to %s", os.path.dirname(args.data))
             write_dataset(os.path.dirname(args.data), num_clips=32, seed=args.seed)
-        barrier(world)
+        wait_for_everyone(waiting)
     videos = VideoCaptionDataset(args.data, cfg.num_frames, cfg.height, cfg.width)
     if not args.cache_dir:
         return videos
@@ -247,7 +248,7 @@ def build_dataset(args, rank, world, pipe, teacher, device):
         latent_dist, embeds, teacher_tokens = encode_inputs(pipe, teacher, item["video"][None].to(device),
                                                             [item["caption"]], device)
         cache.store(key, {"latent_dist": latent_dist[0], "prompt_embeds": embeds[0], "teacher": teacher_tokens[0]})
-    barrier(world)
+    wait_for_everyone(waiting)  # the ranks' shares of uncached clips may differ a lot
     return CachedDataset(cache, videos.rows)
 
 
@@ -364,7 +365,7 @@ def write_validation_videos(args, pipe, step, device, autocast_dtype, write=True
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    rank, world, device = setup_distributed()
+    rank, world, device, waiting = setup_distributed(args)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (FSDP shards them as they are)
     cfg = args.preset_config
     os.makedirs(args.output_dir, exist_ok=True)
@@ -373,7 +374,7 @@ def main(argv=None):
     attention = resolve_attention(args.attention, device, autocast_dtype or torch.float32)
 
     pipe, teacher = load_models(args, device, autocast_dtype or torch.float32)
-    dataset = build_dataset(args, rank, world, pipe, teacher, device)
+    dataset = build_dataset(args, rank, world, waiting, pipe, teacher, device)
     if args.lora_rank and args.model is None and rank == 0 and not os.path.isdir(base_model_dir(args)):
         pipe.save_pretrained(base_model_dir(args))  # before the adapters wrap its layers
     prepare_transformer(args, pipe.transformer)
@@ -386,6 +387,7 @@ def main(argv=None):
     model = VideoREPAModel(pipe.transformer, pipe.scheduler, aligner, cfg.align_layer, args.align_loss,
                            args.trd_weight, args.margin, args.trd_mode, args.trd_backend)
     parallel = "fsdp" if args.fsdp and world > 1 else "ddp" if world > 1 else "single"
+    wait_for_everyone(waiting)  # ranks load at their own pace; wrapping starts the collectives
     trained = wrap(model, parallel, device, world, find_unused=args.align_loss == "none")
     params = [p for p in model.parameters() if p.requires_grad]
     # official: DeepSpeed's AdamW (finetune/configs/zero2.yaml sets lr and weight decay 1e-4; betas and eps are
@@ -476,16 +478,18 @@ def main(argv=None):
                 save_checkpoint(args.output_dir, step, lambda folder: write_checkpoint(
                     folder, weights, optim, schedule, step, position, rank_states, all_skipped),
                     args.checkpoints_total_limit)
-            barrier(world)
-        if args.validation_every and step % args.validation_every == 0 and (rank == 0 or parallel == "fsdp"):
-            write_validation_videos(args, pipe, step, device, autocast_dtype, write=rank == 0)  # sharded: all sample
+            wait_for_everyone(waiting)
+        if args.validation_every and step % args.validation_every == 0:
+            if rank == 0 or parallel == "fsdp":  # sharded weights: every rank samples, rank 0 writes
+                write_validation_videos(args, pipe, step, device, autocast_dtype, write=rank == 0)
+            wait_for_everyone(waiting)
     progress.close()
     weights, _ = gather_state(model)
     if rank == 0:
         final = save_final(args, pipe, model, weights)
         log.info("done: %d steps, %d clips skipped; final weights in %s", step, len(skipped), final)
         metrics.close()
-    barrier(world)
+    wait_for_everyone(waiting)
     if world > 1:
         torch.distributed.destroy_process_group()
     return args.output_dir

@@ -269,11 +269,10 @@ def test_bad_arguments_fail_fast(argv, message, capsys):
     assert __import__("re").search(message, capsys.readouterr().err)
 
 
-def torchrun(out, clips, *extra, port):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(out, clips, *extra, port, script=os.path.join(REPO, "train.py")):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           os.path.join(REPO, "train.py"), "--output-dir", str(out), "--data", clips, "--checkpoint-every", "2",
-           *extra]
+           script, "--output-dir", str(out), "--data", clips, "--checkpoint-every", "2", *extra]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(out / f"checkpoint-{extra[extra.index('--max-steps') + 1]}" / "trainable.safetensors")
@@ -315,6 +314,53 @@ def test_torchrun_crosses_an_uneven_epoch_boundary(tmp_path, clips):
     # 5 ends the first epoch with one clip for each rank.
     torchrun(tmp_path, nine_clips(tmp_path, clips), "--max-steps", "7", "--batch-size", "1", port=29771)
     assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 8))
+
+
+def test_dist_timeout_reaches_the_process_group(monkeypatch):
+    import datetime
+
+    calls = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: calls.append(("init", a, k)))
+    monkeypatch.setattr(torch.distributed, "new_group", lambda *a, **k: calls.append(("group", a, k)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    args = train.parse_args(["--dist-timeout", "90"])
+    assert train.parse_args([]).dist_timeout == 1800  # as the official run's --nccl_timeout
+    rank, world, _, _ = train.setup_distributed(args)
+    assert (rank, world) == (1, 2)
+    assert calls[0][0] == "init" and calls[0][2]["timeout"] == datetime.timedelta(seconds=90)
+
+
+SLOW_RANK_ZERO = """
+import sys, time
+import torch
+import train
+
+def slow(phase):
+    calls = []
+
+    def run(*args, **kwargs):
+        if torch.distributed.get_rank() == 0 and not calls:  # the first call of each phase
+            time.sleep(SECONDS)
+        calls.append(1)
+        return phase(*args, **kwargs)
+    return run
+
+for name in ("write_validation_videos", "write_checkpoint", "save_final"):
+    setattr(train, name, slow(getattr(train, name)))
+train.main(sys.argv[1:])
+"""
+
+
+def test_slow_rank_zero_phases_outlast_the_collective_timeout(tmp_path, clips):
+    # Validation videos and the checkpoint after step 1, and the final save, run on rank 0 alone and take twice the
+    # collective timeout: rank 1 must wait for them, then train on, without a collective timing out.
+    script = tmp_path / "slow_rank_zero.py"
+    script.write_text(SLOW_RANK_ZERO.replace("SECONDS", "6"))
+    torchrun(tmp_path / "out", clips, "--max-steps", "2", "--dist-timeout", "3", "--validation-every", "1",
+             "--validation-steps", "1", "--checkpoint-every", "1", port=29781, script=str(script))
+    assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2]
+    assert len(os.listdir(tmp_path / "out" / "validation")) == 2
 
 
 def test_fsdp_trains_like_ddp(tmp_path, clips):
