@@ -142,6 +142,29 @@ def test_presets_default_to_the_papers_recipe():
     assert train.parse_args(["--num-epochs", "2"]).max_steps is None
 
 
+def test_readme_commands_train_the_paper_runs(tmp_path):
+    import shlex
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    block = readme[readme.index("torchrun --nproc_per_node 8 train.py --preset cogvideox-2b"):]
+    commands = [c for c in block[:block.index("```")].replace("\\\n", " ").splitlines() if c.startswith("torchrun")]
+    (tmp_path / "clips.csv").write_text("video,caption\n")
+    runs = {}
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[:4] == ["torchrun", "--nproc_per_node", "8", "train.py"]
+        args = train.parse_args([str(tmp_path / "clips.csv") if a.endswith(".csv") else a for a in argv[4:]])
+        runs[args.preset] = (args.lora_rank, args.lora_alpha, args.learning_rate, args.num_epochs, args.batch_size,
+                             args.lr_scheduler, args.warmup_steps, args.preset_config.align_layer, args.seed)
+        defaults = train.parse_args(["--preset", args.preset, "--model", "/m", "--teacher-path", "/t.pth"])
+        assert runs[args.preset][:-1] == (defaults.lora_rank, defaults.lora_alpha, defaults.learning_rate,
+                                          defaults.num_epochs, defaults.batch_size, defaults.lr_scheduler,
+                                          defaults.warmup_steps, defaults.preset_config.align_layer)
+    assert runs == {"cogvideox-2b": (0, None, 2e-6, 4, 4, "linear", 2, 18, 42),
+                    "cogvideox-5b": (128, 64, 1e-4, 1, 4, "linear", 2, 18, 42)}
+
+
 def test_num_epochs_sets_the_run_length_from_the_data(tmp_path, clips):
     # 8 clips, batch 2: 4 batches per epoch; 2 epochs with 2 batches per optimizer step: 4 steps.
     run_train(tmp_path, "--num-epochs", "2", "--gradient-accumulation-steps", "2", "--checkpoint-every", "100",
