@@ -11,7 +11,6 @@ pytest.importorskip("diffusers")
 from videorepa.alignment import TokenAligner  # noqa: E402
 from videorepa.models import TRANSFORMER_CONFIGS, build_scheduler, build_transformer  # noqa: E402
 from videorepa.presets import get_preset  # noqa: E402
-from videorepa.teachers import VideoTeacher, convert_videomaev2_state_dict  # noqa: E402
 from videorepa.training import VideoREPAModel  # noqa: E402
 
 REAL = ("cogvideox-2b", "cogvideox-5b")
@@ -30,20 +29,6 @@ def stand_in_pipeline(transformer):
     pipe._prepare_rotary_positional_embeddings = lambda *a: CogVideoXPipeline._prepare_rotary_positional_embeddings(
         pipe, *a)
     return pipe
-
-
-def meta_videomaev2_teacher(preset):
-    """VideoMAEv2 ViT-B/16 (tubelet 2) as train.py builds it from the official checkpoint, on the meta device."""
-    from transformers import VideoMAEModel
-
-    shapes = {"patch_embed.proj.weight": (768, 3, 2, 16, 16), "blocks.0.mlp.fc1.weight": (3072, 768),
-              "blocks.0.attn.q_bias": (768,)}
-    state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    state.update({f"blocks.{i}.norm1.weight": torch.empty(768, device="meta") for i in range(12)})
-    config, _ = convert_videomaev2_state_dict(state)
-    with torch.device("meta"):
-        model = VideoMAEModel(config)
-    return VideoTeacher(model, "videomaev2", preset.teacher_height, preset.teacher_width, 16, 2)
 
 
 @pytest.mark.parametrize("name", ["tiny", *REAL])
