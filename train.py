@@ -27,19 +27,21 @@ from videorepa.attention import ATTENTION, attention_kernel, resolve_attention
 from videorepa.checkpoint import latest_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from videorepa.data import BatchOrder, PositionedDataset, VideoCaptionDataset, collate, read_captions
 from videorepa.kernels import BACKENDS, MODES
-from videorepa.parallel import gather_state, no_gradient_sync, wrap
+from videorepa.parallel import gather_state, init_process_groups, no_gradient_sync, wait_for_everyone, wrap
 from videorepa.presets import PRESETS, get_preset, video_size_error
 from videorepa.teachers import TEACHERS
 from videorepa.training import ALIGN_LOSSES
 
 log = logging.getLogger("train")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                   help="resolution, frames, align layer, head widths and lr defaults (default: tiny)")
+                   help="video size, align layer, head widths and the optimisation recipe: cogvideox-2b and "
+                   "cogvideox-5b are the paper's runs (default: tiny)")
     g.add_argument("--model", help="local CogVideoX pipeline directory (default for --preset tiny: built in code)")
     g.add_argument("--teacher", choices=TEACHERS, help="video encoder to distil from (default: tiny for --preset "
                    "tiny, else videomaev2)")
@@ -54,22 +56,30 @@ def parse_args(argv=None):
     g = p.add_argument_group("alignment")
     g.add_argument("--align-loss", choices=ALIGN_LOSSES, default="trd", help="trd (VideoREPA), repa (cosine "
                    "baseline) or none (plain finetuning)")
-    g.add_argument("--align-layer", type=int, help="transformer block whose output is aligned (0-based)")
+    g.add_argument("--align-layer", type=int, help="align the output of the K-th transformer block, counted from 1 "
+                   "as the paper's flag: 18 (the presets' value) aligns after 18 blocks (default: the preset's)")
     g.add_argument("--relation-grid", choices=GRIDS, default="teacher", help="teacher: the paper's token matching; "
                    "student: teacher resampled to the student's full grid")
     g.add_argument("--trd-weight", type=float, default=0.5)
     g.add_argument("--margin", type=float, default=0.1)
     g.add_argument("--trd-mode", choices=MODES, default="full")
     g.add_argument("--trd-backend", choices=BACKENDS, default="auto")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full finetune)")
-    g.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: the rank)")
-    g.add_argument("--learning-rate", type=float, help="default: the preset's")
-    g.add_argument("--warmup-steps", type=int, default=0)
+    g = p.add_argument_group("optimisation (defaults: the preset's; the paper's for cogvideox-2b/5b)")
+    g.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank, 0: full finetune (cogvideox-5b: "
+                   "128, else 0)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA scale numerator, scale α/r (cogvideox-5b: 64 at its rank "
+                   "128, else the rank)")
+    g.add_argument("--learning-rate", type=float, help="peak learning rate (full: 2e-6, LoRA: 1e-4; tiny: 1e-3)")
+    g.add_argument("--lr-scheduler", choices=LR_SCHEDULES, help="after the linear warm-up: hold (constant) or decay "
+                   "to 0 at the last step (linear, cosine); paper: linear (tiny: constant)")
+    g.add_argument("--warmup-steps", type=int, help="optimizer steps of linear warm-up from 0 (paper: 2, tiny: 0)")
     g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--batch-size", type=int, default=2, help="clips per process per micro-batch")
+    g.add_argument("--batch-size", type=int, help="clips per process per micro-batch (paper: 4, tiny: 2)")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    g.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=int, help="run length in optimizer steps (tiny: 300)")
+    length.add_argument("--num-epochs", type=int, help="run length in passes over the data, each rank taking "
+                        "ceil(clips / processes) clips per pass (cogvideox-2b: 4, cogvideox-5b: 1)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default="auto",
                    help="auto: bf16 autocast on CUDA, float32 on CPU")
@@ -78,6 +88,9 @@ def parse_args(argv=None):
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer "
                    "state across ranks (FSDP2) instead of replicating them (DDP); full finetunes only")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--dist-timeout", type=int, default=1800, help="under torchrun: seconds a training collective "
+                   "may wait for the other ranks, as the paper's run (default: 1800); ranks waiting for another's "
+                   "validation videos, checkpoint or cache work wait without this limit")
     g.add_argument("--vae-tiling", action="store_true", help="encode clips in tiles: less memory at 49×480×720")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default="runs/tiny", help="default: runs/tiny")
@@ -95,16 +108,19 @@ def parse_args(argv=None):
     args.teacher = args.teacher or ("tiny" if args.preset == "tiny" else "videomaev2")
     if args.teacher != "tiny" and not args.teacher_path:
         fail(f"--teacher {args.teacher} needs --teacher-path")
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.fsdp and args.lora_rank:
-        fail("--fsdp shards a full finetune; LoRA adapters are small enough for DDP (drop --fsdp)")
-    if args.lora_rank < 0 or args.margin < 0 or args.trd_weight < 0 or args.warmup_steps < 0:
-        fail("--lora-rank, --margin, --trd-weight and --warmup-steps must be >= 0")
     args.preset_config = get_preset(args.preset, num_frames=args.num_frames, height=args.height, width=args.width,
                                     align_layer=args.align_layer)
     cfg = args.preset_config
+    apply_recipe_defaults(args, cfg)
+    for name in ("max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
+                 "dist_timeout"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.fsdp and args.lora_rank:
+        fail("--fsdp shards a full finetune; LoRA adapters are small enough for DDP (drop --fsdp, or pass "
+             "--lora-rank 0 for a full finetune)")
+    if args.lora_rank < 0 or args.margin < 0 or args.trd_weight < 0 or args.warmup_steps < 0:
+        fail("--lora-rank, --margin, --trd-weight and --warmup-steps must be >= 0")
     size_error = video_size_error(cfg.num_frames, cfg.height, cfg.width)
     if size_error:
         fail(size_error)
@@ -115,24 +131,45 @@ def parse_args(argv=None):
     return args
 
 
+def apply_recipe_defaults(args, cfg) -> None:
+    """Unset optimisation flags take the preset's values."""
+    for name in ("lora_rank", "batch_size", "lr_scheduler", "warmup_steps"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(cfg, name))
+    if args.max_steps is None and args.num_epochs is None:
+        args.max_steps, args.num_epochs = cfg.max_steps, cfg.num_epochs
+    if args.lora_alpha is None and args.lora_rank:
+        args.lora_alpha = cfg.lora_alpha if args.lora_rank == cfg.lora_rank and cfg.lora_alpha else args.lora_rank
+    if args.learning_rate is None:
+        args.learning_rate = cfg.lora_learning_rate if args.lora_rank else cfg.learning_rate
+
+
+def lr_schedule(optimizer, name: str, warmup_steps: int, total_steps: int):
+    """Linear warm-up from 0 over `warmup_steps`, then constant, or a linear or cosine decay reaching 0 after
+    `total_steps` (diffusers' schedules; one step() per optimizer step)."""
+    from diffusers.optimization import get_scheduler
+
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"--lr-scheduler must be one of {LR_SCHEDULES}, got {name!r}")
+    return get_scheduler("constant_with_warmup" if name == "constant" else name, optimizer,
+                         num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
 # ---------------------------------------------------------------------------------------------------- setup
 
 
-def setup_distributed():
-    """(rank, world size, device) from torchrun's environment; a single process otherwise."""
+def setup_distributed(args):
+    """(rank, world size, device, group to wait in for rank-local work) from torchrun's environment; a single
+    process (and no group) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    waiting = None
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return int(os.environ.get("RANK", "0")), world, device
-
-
-def barrier(world):
-    if world > 1:
-        torch.distributed.barrier()
+        waiting = init_process_groups("nccl" if device.type == "cuda" else "gloo", args.dist_timeout)
+    return int(os.environ.get("RANK", "0")), world, device, waiting
 
 
 def load_models(args, device, frozen_dtype):
@@ -161,8 +198,7 @@ def prepare_transformer(args, transformer):
         from peft import LoraConfig
 
         transformer.requires_grad_(False)
-        transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
-                                           init_lora_weights=True,
+        transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     else:
         transformer.requires_grad_(True)
@@ -178,7 +214,7 @@ def grids(pipe, teacher, cfg):
     return student, teacher.grid(cfg.num_frames)
 
 
-def build_dataset(args, rank, world, pipe, teacher, device):
+def build_dataset(args, rank, world, waiting, pipe, teacher, device):
     """The training dataset: decoded videos, or the feature cache (filled first, shared out across ranks)."""
     cfg = args.preset_config
     if not args.data:
@@ -188,7 +224,7 @@ def build_dataset(args, rank, world, pipe, teacher, device):
 
             log.info("writing synthetic physics clips to %s", os.path.dirname(args.data))
             write_dataset(os.path.dirname(args.data), num_clips=32, seed=args.seed)
-        barrier(world)
+        wait_for_everyone(waiting)
     videos = VideoCaptionDataset(args.data, cfg.num_frames, cfg.height, cfg.width)
     if not args.cache_dir:
         return videos
@@ -212,7 +248,7 @@ def build_dataset(args, rank, world, pipe, teacher, device):
         latent_dist, embeds, teacher_tokens = encode_inputs(pipe, teacher, item["video"][None].to(device),
                                                             [item["caption"]], device)
         cache.store(key, {"latent_dist": latent_dist[0], "prompt_embeds": embeds[0], "teacher": teacher_tokens[0]})
-    barrier(world)
+    wait_for_everyone(waiting)  # the ranks' shares of uncached clips may differ a lot
     return CachedDataset(cache, videos.rows)
 
 
@@ -234,15 +270,15 @@ def gather_objects(obj, world: int) -> list:
     return out
 
 
-def write_checkpoint(folder, weights, optim, lr_schedule, step, position, rank_states, skipped):
+def write_checkpoint(folder, weights, optim, schedule, step, position, rank_states, skipped):
     from safetensors.torch import save_file
 
     save_file(weights, os.path.join(folder, "trainable.safetensors"))
-    torch.save({"optimizer": optim, "lr_schedule": lr_schedule.state_dict(), "step": step, "position": position,
+    torch.save({"optimizer": optim, "lr_schedule": schedule.state_dict(), "step": step, "position": position,
                 "ranks": rank_states, "skipped": skipped}, os.path.join(folder, "training_state.pt"))
 
 
-def read_checkpoint(folder, model, optimizer, lr_schedule, generator, rank, world):
+def read_checkpoint(folder, model, optimizer, schedule, generator, rank, world):
     from safetensors.torch import load_file
 
     from videorepa.parallel import restore_state, trainable_names
@@ -253,7 +289,7 @@ def read_checkpoint(folder, model, optimizer, lr_schedule, generator, rank, worl
                          f"(LoRA rank, preset or align loss changed?)")
     state = torch.load(os.path.join(folder, "training_state.pt"), map_location="cpu", weights_only=False)
     restore_state(model, optimizer, weights, state["optimizer"])
-    lr_schedule.load_state_dict(state["lr_schedule"])
+    schedule.load_state_dict(state["lr_schedule"])
     ranks = state["ranks"]  # each rank's own noise generator and RNG states
     if len(ranks) != world:
         log.warning("checkpoint written by %d processes, resumed by %d: the random streams restart per rank",
@@ -285,9 +321,14 @@ def save_final(args, pipe, model, weights):
         from peft.utils import get_peft_model_state_dict
 
         base = args.model or base_model_dir(args)
-        CogVideoXPipeline.save_lora_weights(final, transformer_lora_layers=get_peft_model_state_dict(transformer))
+        # The adapter's config (α and r among it) travels in the safetensors metadata, which a stock
+        # load_lora_weights reads back: without it, diffusers assumes α = r.
+        config = transformer.peft_config["default"]
+        CogVideoXPipeline.save_lora_weights(final, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                            transformer_lora_adapter_metadata=config.to_dict())
         with open(os.path.join(final, "videorepa.json"), "w") as f:
-            json.dump({"base_model": os.path.abspath(base), "lora_rank": args.lora_rank}, f, indent=1)
+            json.dump({"base_model": os.path.abspath(base), "lora_rank": config.r, "lora_alpha": config.lora_alpha},
+                      f, indent=1)
     else:
         pipe.save_pretrained(final)
     heads = {k[len("aligner."):]: v for k, v in weights.items() if k.startswith("aligner.")}
@@ -295,7 +336,13 @@ def save_final(args, pipe, model, weights):
     return final
 
 
-def write_validation_videos(args, pipe, step, device, write=True):
+def autocast(device, dtype):
+    """The mixed-precision context of training, for validation too: the float32 transformer then meets the VAE's
+    and the text encoder's bf16 tensors in bf16."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def write_validation_videos(args, pipe, step, device, autocast_dtype, write=True):
     from videorepa.models import generate_video
     from videorepa.video_io import write_video
 
@@ -304,7 +351,9 @@ def write_validation_videos(args, pipe, step, device, write=True):
     os.makedirs(folder, exist_ok=True)
     pipe.transformer.eval()
     for i, prompt in enumerate(args.validation_prompt or ["A red ball falls and bounces on the floor."]):
-        frames = generate_video(pipe, prompt, args.seed, cfg.num_frames, cfg.height, cfg.width, args.validation_steps)
+        with autocast(device, autocast_dtype):
+            frames = generate_video(pipe, prompt, args.seed, cfg.num_frames, cfg.height, cfg.width,
+                                    args.validation_steps)
         if write:
             write_video(os.path.join(folder, f"step-{step:06d}-{i}.mp4"), frames)
     pipe.transformer.train()
@@ -316,7 +365,7 @@ def write_validation_videos(args, pipe, step, device, write=True):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    rank, world, device = setup_distributed()
+    rank, world, device, waiting = setup_distributed(args)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (FSDP shards them as they are)
     cfg = args.preset_config
     os.makedirs(args.output_dir, exist_ok=True)
@@ -325,7 +374,7 @@ def main(argv=None):
     attention = resolve_attention(args.attention, device, autocast_dtype or torch.float32)
 
     pipe, teacher = load_models(args, device, autocast_dtype or torch.float32)
-    dataset = build_dataset(args, rank, world, pipe, teacher, device)
+    dataset = build_dataset(args, rank, world, waiting, pipe, teacher, device)
     if args.lora_rank and args.model is None and rank == 0 and not os.path.isdir(base_model_dir(args)):
         pipe.save_pretrained(base_model_dir(args))  # before the adapters wrap its layers
     prepare_transformer(args, pipe.transformer)
@@ -338,22 +387,28 @@ def main(argv=None):
     model = VideoREPAModel(pipe.transformer, pipe.scheduler, aligner, cfg.align_layer, args.align_loss,
                            args.trd_weight, args.margin, args.trd_mode, args.trd_backend)
     parallel = "fsdp" if args.fsdp and world > 1 else "ddp" if world > 1 else "single"
+    wait_for_everyone(waiting)  # ranks load at their own pace; wrapping starts the collectives
     trained = wrap(model, parallel, device, world, find_unused=args.align_loss == "none")
-    lr = args.learning_rate or (cfg.lora_learning_rate if args.lora_rank else cfg.learning_rate)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    # official: DeepSpeed's AdamW (finetune/configs/zero2.yaml sets lr and weight decay 1e-4; betas and eps are
+    # DeepSpeed's defaults), gradient clipping 1.0.
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+    order = BatchOrder(len(dataset), args.batch_size, args.seed, rank, world)
+    if args.num_epochs:
+        args.max_steps = math.ceil(args.num_epochs * order.batches_per_epoch / args.gradient_accumulation_steps)
+        log.info("%d epochs of %d batches per process: %d optimizer steps", args.num_epochs,
+                 order.batches_per_epoch, args.max_steps)
+    schedule = lr_schedule(optimizer, args.lr_scheduler, args.warmup_steps, args.max_steps)
     generator = torch.Generator().manual_seed(args.seed * 1000 + rank)  # noise, timesteps and latent samples
 
     step, position, skipped = 0, (0, 0), {}
     resume = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
     if resume:
-        step, position, skipped = read_checkpoint(resume, model, optimizer, lr_schedule, generator, rank, world)
+        step, position, skipped = read_checkpoint(resume, model, optimizer, schedule, generator, rank, world)
         log.info("resumed from %s at step %d", resume, step)
     elif args.resume:
         log.info("--resume latest: no checkpoint in %s, starting fresh", args.output_dir)
 
-    order = BatchOrder(len(dataset), args.batch_size, args.seed, rank, world)
     order.position = position
     loader = torch.utils.data.DataLoader(PositionedDataset(dataset), batch_sampler=order, collate_fn=collate,
                                          num_workers=args.num_workers)
@@ -385,10 +440,8 @@ def main(argv=None):
             latents = sample_latents(pipe.vae, latent_dist, generator)
             sync = contextlib.nullcontext() if micro == args.gradient_accumulation_steps - 1 \
                 else no_gradient_sync(trained, parallel)
-            autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype \
-                else contextlib.nullcontext()
             with sync:
-                with autocast, attention_kernel(attention):
+                with autocast(device, autocast_dtype), attention_kernel(attention):
                     out = trained(latents, embeds, teacher_tokens, rotary_embeddings(pipe, latents), generator)
                 finite = torch.isfinite(out["loss"].detach()).float()
                 if world > 1:  # every rank stops together, instead of the others waiting in the gradient all-reduce
@@ -401,12 +454,13 @@ def main(argv=None):
             for k in totals:
                 totals[k] += out[k].item() / args.gradient_accumulation_steps
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]  # this step's
         optimizer.step()
-        lr_schedule.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         row = {"step": step, **totals, "loss_trd": totals["loss_align"] if args.align_loss == "trd" else None,
-               "lr": lr_schedule.get_last_lr()[0], "seconds": time.time() - start, "skipped": len(skipped)}
+               "lr": lr, "seconds": time.time() - start, "skipped": len(skipped)}
         if rank == 0:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
@@ -422,18 +476,20 @@ def main(argv=None):
             all_skipped = {k: v for part in gather_objects(skipped, world) for k, v in part.items()}
             if rank == 0:
                 save_checkpoint(args.output_dir, step, lambda folder: write_checkpoint(
-                    folder, weights, optim, lr_schedule, step, position, rank_states, all_skipped),
+                    folder, weights, optim, schedule, step, position, rank_states, all_skipped),
                     args.checkpoints_total_limit)
-            barrier(world)
-        if args.validation_every and step % args.validation_every == 0 and (rank == 0 or parallel == "fsdp"):
-            write_validation_videos(args, pipe, step, device, write=rank == 0)  # sharded: every rank samples
+            wait_for_everyone(waiting)
+        if args.validation_every and step % args.validation_every == 0:
+            if rank == 0 or parallel == "fsdp":  # sharded weights: every rank samples, rank 0 writes
+                write_validation_videos(args, pipe, step, device, autocast_dtype, write=rank == 0)
+            wait_for_everyone(waiting)
     progress.close()
     weights, _ = gather_state(model)
     if rank == 0:
         final = save_final(args, pipe, model, weights)
         log.info("done: %d steps, %d clips skipped; final weights in %s", step, len(skipped), final)
         metrics.close()
-    barrier(world)
+    wait_for_everyone(waiting)
     if world > 1:
         torch.distributed.destroy_process_group()
     return args.output_dir

@@ -5,8 +5,8 @@
 
 A CogVideoX-2B-sized transformer (30 blocks, 1920 wide) with random weights gets random latents (13×60×90),
 text embeddings (226×4096) and teacher tokens (24×10×15×768); the step is the diffusion loss plus 0.5 × TRD on
-block 18, with the paper's token matching (N = 3,600) and with the teacher at the student's full grid
-(N = 32,400). Reported: median step time and peak memory for each TRD backend, one JSON row each.
+the output of the 18th block, with the paper's token matching (N = 3,600) and with the teacher at the student's
+full grid (N = 32,400). Reported: median step time and peak memory for each TRD backend, one JSON row each.
 """
 
 import argparse

@@ -17,10 +17,14 @@ from videorepa.teachers import convert_videomaev2_state_dict, fit_position_table
 from videorepa.video_io import read_video, write_video  # noqa: E402
 
 
-def official_videomaev2_state(hidden=32, layers=2, tubelet=2, patch=16, mlp=64, seed=0):
-    """A state dict with the official VideoMAEv2 checkpoint's key names (timm-style ViT, q_bias/v_bias)."""
+def official_videomaev2_state(hidden=32, layers=2, tubelet=2, patch=16, mlp=64, seed=0, device="cpu"):
+    """A state dict with the official VideoMAEv2 checkpoint's key names (timm-style ViT, q_bias/v_bias); random
+    values, or shapes only on the meta device."""
     gen = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+
+    def r(*shape):
+        return torch.empty(shape, device="meta") if device == "meta" else torch.randn(*shape, generator=gen)
+
     state = {"patch_embed.proj.weight": r(hidden, 3, tubelet, patch, patch), "patch_embed.proj.bias": r(hidden),
              "fc_norm.weight": r(hidden), "fc_norm.bias": r(hidden), "head.weight": r(710, hidden),
              "head.bias": r(710)}
@@ -38,16 +42,18 @@ def official_videomaev2_state(hidden=32, layers=2, tubelet=2, patch=16, mlp=64, 
 
 
 def reference_vit_block(x, state, i, heads):
-    """One pre-norm ViT block written from the official layout: qkv with q/v biases, no k bias."""
+    """One pre-norm ViT block written from the official layout: qkv with q/v biases, no k bias, LayerNorm eps 1e-6
+    (official: finetune/models/cogvideox_t2v_align/models/ssl/VideoMAEv2.py, norm_layer=partial(nn.LayerNorm,
+    eps=1e-6))."""
     b = f"blocks.{i}."
     d = x.shape[-1]
-    h = F.layer_norm(x, (d,), state[b + "norm1.weight"], state[b + "norm1.bias"], eps=1e-12)
+    h = F.layer_norm(x, (d,), state[b + "norm1.weight"], state[b + "norm1.bias"], eps=1e-6)
     bias = torch.cat([state[b + "attn.q_bias"], torch.zeros(d), state[b + "attn.v_bias"]])
     q, k, v = F.linear(h, state[b + "attn.qkv.weight"], bias).chunk(3, dim=-1)
     split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
     a = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
     x = x + F.linear(a, state[b + "attn.proj.weight"], state[b + "attn.proj.bias"])
-    h = F.layer_norm(x, (d,), state[b + "norm2.weight"], state[b + "norm2.bias"], eps=1e-12)
+    h = F.layer_norm(x, (d,), state[b + "norm2.weight"], state[b + "norm2.bias"], eps=1e-6)
     h = F.linear(F.gelu(F.linear(h, state[b + "mlp.fc1.weight"], state[b + "mlp.fc1.bias"])),
                  state[b + "mlp.fc2.weight"], state[b + "mlp.fc2.bias"])
     return x + h
@@ -70,6 +76,70 @@ def test_videomaev2_conversion_reproduces_the_official_vit(tmp_path):
     for i in range(2):
         x = reference_vit_block(x, state, i, heads=config.num_attention_heads)
     torch.testing.assert_close(tokens.reshape(1, -1, 32), x, atol=1e-4, rtol=1e-4)
+    norms = [m for m in teacher.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 4 and {m.eps for m in norms} == {1e-6}
+
+
+def test_videomaev2_conversion_fits_each_transformers_attention_layout():
+    """transformers 4.x keeps VideoMAE's query and value biases as parameters of their own (attention.q_bias,
+    attention.v_bias), 5.x as the projections' biases (query.bias, value.bias): the converted weights take the
+    names of the model they load into. The installed version's model is one of the two layouts."""
+    from transformers import VideoMAEModel
+
+    from videorepa.teachers import fit_attention_bias_names
+
+    state = official_videomaev2_state()["module"]
+    config, converted = convert_videomaev2_state_dict(state)
+    v5 = set(converted)
+    v4 = {k.replace("attention.query.bias", "attention.q_bias").replace("attention.value.bias", "attention.v_bias")
+          for k in converted}
+    assert v4 != v5 and set(VideoMAEModel(config).state_dict()) in (v4, v5)
+    assert fit_attention_bias_names(converted, v5) == converted
+    fitted = fit_attention_bias_names(converted, v4)
+    assert set(fitted) == v4
+    for i in range(2):
+        for name in ("q_bias", "v_bias"):
+            assert fitted[f"encoder.layer.{i}.attention.attention.{name}"] is state[f"blocks.{i}.attn.{name}"]
+
+
+def test_teacher_frames_are_resized_bicubic_without_antialias():
+    # official: finetune/models/cogvideox_t2v_align/lora_trainer.py, compute_loss: (x + 1) / 2, ImageNet
+    # Normalize, then F.interpolate(..., mode='bicubic') (no antialias) of frames 1..48 to a third of the size.
+    teacher = load_teacher("tiny", None, 32, 48, 9)
+    video = torch.rand(2, 9, 3, 64, 96) * 2 - 1
+    frames = (video[:, 1:].flatten(0, 1) + 1) / 2
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    frames = (frames - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    expected = F.interpolate(frames, size=(32, 48), mode="bicubic").unflatten(0, (2, 8))
+    torch.testing.assert_close(teacher.preprocess(video), expected, atol=1e-5, rtol=1e-5)
+
+
+def tiny_vjepa2():
+    """One 16-wide head: transformers 4.x's rotary positions need heads of at least 12 (three even thirds)."""
+    from transformers import VJEPA2Config, VJEPA2Model
+
+    return VJEPA2Model(VJEPA2Config(crop_size=64, frames_per_clip=4, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=1, mlp_ratio=2.0, pred_hidden_size=16,
+                                    pred_num_hidden_layers=1, pred_num_attention_heads=1))
+
+
+def test_vjepa2_tokens_are_taken_before_its_final_norm(tmp_path):
+    # official: finetune/models/cogvideox_t2v_align/lora_trainer.py replaces V-JEPA 2's final norm by Identity.
+    from transformers import VJEPA2Model
+
+    model = tiny_vjepa2()
+    with torch.no_grad():  # a trained norm's own scale and shift, so that normalising twice shows
+        model.encoder.layernorm.weight.uniform_(0.5, 2.0)
+        model.encoder.layernorm.bias.uniform_(-1.0, 1.0)
+    model.save_pretrained(tmp_path / "vjepa2")
+    teacher = load_teacher("vjepa2", str(tmp_path / "vjepa2"), 48, 48, 9)
+    video = torch.rand(1, 9, 3, 64, 96) * 2 - 1
+    tokens = teacher(video).reshape(1, -1, 16)
+    stock = VJEPA2Model.from_pretrained(tmp_path / "vjepa2", crop_size=48, frames_per_clip=8).eval()
+    with torch.no_grad():
+        normed = stock(pixel_values_videos=teacher.preprocess(video), skip_predictor=True).last_hidden_state
+        torch.testing.assert_close(stock.encoder.layernorm(tokens), normed, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(tokens, normed, atol=1e-2)
 
 
 def test_videomaev2_conversion_rejects_other_checkpoints():
@@ -219,15 +289,34 @@ def test_batch_order_resumes_exactly():
     assert not {i for i, *_ in ranks[0]} & {i for i, *_ in ranks[1]}
 
 
+@pytest.mark.parametrize("size, batch, world", [(9, 1, 2), (10, 3, 4), (1, 2, 3), (7, 2, 3), (12, 2, 3)])
+def test_every_rank_gets_the_same_batches_per_epoch(size, batch, world):
+    """As DistributedSampler: each epoch's order is padded by repeating its start to a multiple of the world size, so
+    every rank gets ceil(size / world) clips in the same number of non-empty batches."""
+    per_rank = -(-size // world)
+    batches = -(-per_rank // batch)
+    epochs = {r: [] for r in range(world)}
+    for rank in range(world):
+        stream = iter(BatchOrder(size, batch, seed=4, rank=rank, world=world))
+        epochs[rank] = [[next(stream) for _ in range(batches)] for _ in range(2)]
+    for epoch in range(2):
+        seen = []
+        for rank in range(world):
+            chunks = epochs[rank][epoch]
+            assert all(chunks) and sum(map(len, chunks)) == per_rank
+            assert {e for chunk in chunks for _, e, _ in chunk} == {epoch}
+            seen += [i for chunk in chunks for i, *_ in chunk]
+        assert set(seen) == set(range(size)) and len(seen) == per_rank * world
+    assert BatchOrder(size, batch, seed=4, rank=0, world=world).batches_per_epoch == batches
+
+
 def test_transformers_teachers_load_from_local_directories(tmp_path):
-    from transformers import VideoMAEConfig, VideoMAEModel, VJEPA2Config, VJEPA2Model
+    from transformers import VideoMAEConfig, VideoMAEModel
 
     VideoMAEModel(VideoMAEConfig(image_size=64, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=16,
                                  num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
                   ).save_pretrained(tmp_path / "videomae")
-    VJEPA2Model(VJEPA2Config(crop_size=64, frames_per_clip=4, hidden_size=16, num_hidden_layers=1,
-                             num_attention_heads=2, mlp_ratio=2.0, pred_hidden_size=16, pred_num_hidden_layers=1,
-                             pred_num_attention_heads=2)).save_pretrained(tmp_path / "vjepa2")
+    tiny_vjepa2().save_pretrained(tmp_path / "vjepa2")
     video = torch.rand(2, 9, 3, 64, 96) * 2 - 1
     videomae = load_teacher("videomae", str(tmp_path / "videomae"), 32, 48, 9)
     assert videomae(video).shape == (2, 4, 2, 3, 16)
@@ -276,3 +365,14 @@ def test_atomic_path_leaves_old_file_on_failure(tmp_path):
     with atomic_path(str(target)) as tmp, open(tmp, "w") as f:
         f.write("new")
     assert target.read_text() == "new" and os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_feature_cache_entries_of_another_format_are_not_read(tmp_path, monkeypatch):
+    import videorepa.feature_cache as feature_cache
+
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    cache = feature_cache.FeatureCache(str(tmp_path / "cache"), {"frames": 9})
+    key = cache.key(str(tmp_path / "clip.mp4"), "a ball")
+    cache.store(key, {"teacher": torch.ones(2)})
+    monkeypatch.setattr(feature_cache, "FORMAT", feature_cache.FORMAT + 1)
+    assert cache.load(cache.key(str(tmp_path / "clip.mp4"), "a ball")) is None

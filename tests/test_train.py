@@ -75,6 +75,108 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, clips):
     assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(resumed)]
 
 
+def linear_schedule(peak, warmup, total):
+    """lr of optimizer steps 1..total: linear warm-up from 0, then linear decay to 0 at the end of the run."""
+    return [peak * (s / warmup if s < warmup else (total - s) / (total - warmup)) for s in range(total)]
+
+
+def test_linear_schedule_resumes_exactly_after_a_crash(tmp_path, clips, monkeypatch):
+    args = ["--max-steps", "6", "--checkpoint-every", "3", "--lr-scheduler", "linear", "--warmup-steps", "2",
+            "--learning-rate", "1e-3"]
+    run_train(tmp_path / "straight", *args, data=clips)
+    lrs = [r["lr"] for r in metrics(tmp_path / "straight")]
+    assert lrs == pytest.approx(linear_schedule(1e-3, 2, 6), rel=1e-12, abs=1e-15)
+
+    import videorepa.training as training
+
+    real, calls = training.diffusion_loss, []
+
+    def crash_in_step_5(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("the machine went away")
+        return real(*a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "diffusion_loss", crash_in_step_5)
+        with pytest.raises(KeyboardInterrupt):
+            run_train(tmp_path / "resumed", *args, data=clips)
+    run_train(tmp_path / "resumed", *args, "--resume", "latest", data=clips)
+    assert [r["lr"] for r in metrics(tmp_path / "resumed")] == lrs
+    a = load_file(tmp_path / "straight" / "checkpoint-6" / "trainable.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint-6" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]),
+    ("cosine", [0.0, 0.5, 1.0, 0.5 + 0.5 * np.cos(np.pi / 4), 0.5, 0.5 - 0.5 * np.cos(np.pi / 4)]),
+])
+def test_lr_schedules_warm_up_then_hold_or_decay(name, expected):
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = train.lr_schedule(optimizer, name, warmup_steps=2, total_steps=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs == pytest.approx([2.0 * e for e in expected])
+
+
+def test_presets_default_to_the_papers_recipe():
+    # official: finetune/scripts/multigpu_VideoREPA_2B_sft.sh and multigpu_VideoREPA_5B_lora.sh
+    paper = {"batch_size": 4, "lr_scheduler": "linear", "warmup_steps": 2, "max_steps": None}
+    paths = ["--model", "/m", "--teacher-path", "/t.pth"]
+    two_b = train.parse_args(["--preset", "cogvideox-2b", *paths])
+    assert {k: getattr(two_b, k) for k in paper} == paper
+    assert (two_b.lora_rank, two_b.learning_rate, two_b.num_epochs) == (0, 2e-6, 4)
+    five_b = train.parse_args(["--preset", "cogvideox-5b", *paths])
+    assert {k: getattr(five_b, k) for k in paper} == paper
+    assert (five_b.lora_rank, five_b.lora_alpha, five_b.learning_rate, five_b.num_epochs) == (128, 64, 1e-4, 1)
+    full_5b = train.parse_args(["--preset", "cogvideox-5b", *paths, "--lora-rank", "0", "--fsdp"])
+    assert (full_5b.lora_rank, full_5b.learning_rate) == (0, 2e-6)
+    assert train.parse_args(["--preset", "cogvideox-5b", *paths, "--lora-rank", "16"]).lora_alpha == 16
+    tiny = train.parse_args([])
+    assert (tiny.batch_size, tiny.lr_scheduler, tiny.max_steps, tiny.num_epochs) == (2, "constant", 300, None)
+    assert train.parse_args(["--num-epochs", "2"]).max_steps is None
+
+
+def test_readme_commands_train_the_paper_runs(tmp_path):
+    import shlex
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    block = readme[readme.index("torchrun --nproc_per_node 8 train.py --preset cogvideox-2b"):]
+    commands = [c for c in block[:block.index("```")].replace("\\\n", " ").splitlines() if c.startswith("torchrun")]
+    (tmp_path / "clips.csv").write_text("video,caption\n")
+    runs = {}
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[:4] == ["torchrun", "--nproc_per_node", "8", "train.py"]
+        args = train.parse_args([str(tmp_path / "clips.csv") if a.endswith(".csv") else a for a in argv[4:]])
+        runs[args.preset] = (args.lora_rank, args.lora_alpha, args.learning_rate, args.num_epochs, args.batch_size,
+                             args.lr_scheduler, args.warmup_steps, args.preset_config.align_layer, args.seed)
+        defaults = train.parse_args(["--preset", args.preset, "--model", "/m", "--teacher-path", "/t.pth"])
+        assert runs[args.preset][:-1] == (defaults.lora_rank, defaults.lora_alpha, defaults.learning_rate,
+                                          defaults.num_epochs, defaults.batch_size, defaults.lr_scheduler,
+                                          defaults.warmup_steps, defaults.preset_config.align_layer)
+    assert runs == {"cogvideox-2b": (0, None, 2e-6, 4, 4, "linear", 2, 18, 42),
+                    "cogvideox-5b": (128, 64, 1e-4, 1, 4, "linear", 2, 18, 42)}
+
+
+def test_num_epochs_sets_the_run_length_from_the_data(tmp_path, clips):
+    # 8 clips, batch 2: 4 batches per epoch; 2 epochs with 2 batches per optimizer step: 4 steps.
+    run_train(tmp_path, "--num-epochs", "2", "--gradient-accumulation-steps", "2", "--checkpoint-every", "100",
+              data=clips)
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
+    state = torch.load(tmp_path / "checkpoint-4" / "training_state.pt", weights_only=False)
+    # official: AdamW with weight decay 1e-4 and DeepSpeed's defaults betas (0.9, 0.999), eps 1e-8 (configs/zero2.yaml
+    # sets only lr and weight decay).
+    group = state["optimizer"]["param_groups"][0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.999), 1e-8, 1e-4)
+
+
 def test_checkpoints_keep_the_newest(tmp_path, clips):
     run_train(tmp_path, "--max-steps", "4", "--checkpoint-every", "1", "--checkpoints-total-limit", "2", data=clips)
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-4"]
@@ -109,6 +211,38 @@ def test_lora_final_loads_onto_its_base(tmp_path, clips):
     for key in lora_b:  # B starts at zero, so a trained B differs from zero and arrives exactly
         name = key[len("transformer."):].replace(".default.", ".default_0.")
         assert torch.equal(state[name], trained[key]) and trained[key].abs().sum() > 0
+
+
+def test_lora_final_applies_the_trained_alpha_through_the_stock_loader(tmp_path, clips):
+    """LoRA at α ≠ r (the 5B recipe's 64/128): a stock `load_lora_weights(final)` reads α from the adapter metadata
+    saved with the weights and reproduces the trained transformer."""
+    from diffusers import CogVideoXPipeline
+    from peft import LoraConfig
+
+    run_train(tmp_path, "--max-steps", "2", "--lora-rank", "4", "--lora-alpha", "2", "--learning-rate", "1e-2",
+              data=clips)
+    with open(tmp_path / "final" / "videorepa.json") as f:
+        info = json.load(f)
+    stock = CogVideoXPipeline.from_pretrained(info["base_model"])
+    stock.load_lora_weights(tmp_path / "final")
+
+    def trained_transformer(alpha):
+        transformer = CogVideoXPipeline.from_pretrained(info["base_model"]).transformer
+        transformer.add_adapter(LoraConfig(r=4, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        weights = load_file(tmp_path / "checkpoint-2" / "trainable.safetensors")
+        missing = transformer.load_state_dict(
+            {k[len("transformer."):]: v for k, v in weights.items() if k.startswith("transformer.")}, strict=False)
+        assert not missing.unexpected_keys
+        return transformer.eval()
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 3, 4, 8, 12, generator=gen),
+                  encoder_hidden_states=torch.randn(1, 128, 32, generator=gen), timestep=torch.tensor([500]))
+    with torch.no_grad():
+        loaded = stock.transformer.eval()(**inputs).sample
+        torch.testing.assert_close(loaded, trained_transformer(2.0)(**inputs).sample)
+        assert not torch.allclose(loaded, trained_transformer(4.0)(**inputs).sample, rtol=0, atol=1e-4)
+    assert (info["lora_rank"], info["lora_alpha"]) == (4, 2)
 
 
 def test_bad_videos_are_skipped_and_counted(tmp_path, clips):
@@ -148,6 +282,9 @@ def test_feature_cache_is_filled_once_and_reused(tmp_path, clips):
     (["--max-steps", "0"], "--max-steps must be >= 1"),
     (["--data", "/nonexistent.csv"], "no such file"),
     (["--fsdp", "--lora-rank", "4"], "--fsdp shards a full finetune"),
+    (["--max-steps", "3", "--num-epochs", "1"], "not allowed with argument"),
+    (["--num-epochs", "0"], "--num-epochs must be >= 1"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
 ])
 def test_bad_arguments_fail_fast(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -155,11 +292,10 @@ def test_bad_arguments_fail_fast(argv, message, capsys):
     assert __import__("re").search(message, capsys.readouterr().err)
 
 
-def torchrun(out, clips, *extra, port):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(out, clips, *extra, port, script=os.path.join(REPO, "train.py")):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           os.path.join(REPO, "train.py"), "--output-dir", str(out), "--data", clips, "--checkpoint-every", "2",
-           *extra]
+           script, "--output-dir", str(out), "--data", clips, "--checkpoint-every", "2", *extra]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(out / f"checkpoint-{extra[extra.index('--max-steps') + 1]}" / "trainable.safetensors")
@@ -185,6 +321,71 @@ def test_torchrun_two_cpu_processes_resume_exactly(tmp_path, clips, sharding):
     assert heads.keys() == {k[len("aligner."):] for k in straight if k.startswith("aligner.")}
 
 
+def nine_clips(folder, clips):
+    """The eight shared clips plus the first again under another caption: a dataset of 9."""
+    with open(clips) as f:
+        lines = f.read().splitlines()
+    video = lines[1].split(",")[0]
+    path = os.path.join(os.path.dirname(clips), f"nine-{os.path.basename(folder)}.csv")
+    with open(path, "w") as f:
+        f.write("\n".join([*lines, f"{video},the same clip again"]) + "\n")
+    return path
+
+
+def test_torchrun_crosses_an_uneven_epoch_boundary(tmp_path, clips):
+    # 9 clips, batch 1, 2 ranks: 5 batches per rank and epoch (one clip twice, as DistributedSampler pads), so step
+    # 5 ends the first epoch with one clip for each rank.
+    torchrun(tmp_path, nine_clips(tmp_path, clips), "--max-steps", "7", "--batch-size", "1", port=29771)
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 8))
+
+
+def test_dist_timeout_reaches_the_process_group(monkeypatch):
+    import datetime
+
+    calls = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: calls.append(("init", a, k)))
+    monkeypatch.setattr(torch.distributed, "new_group", lambda *a, **k: calls.append(("group", a, k)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    args = train.parse_args(["--dist-timeout", "90"])
+    assert train.parse_args([]).dist_timeout == 1800  # as the official run's --nccl_timeout
+    rank, world, _, _ = train.setup_distributed(args)
+    assert (rank, world) == (1, 2)
+    assert calls[0][0] == "init" and calls[0][2]["timeout"] == datetime.timedelta(seconds=90)
+
+
+SLOW_RANK_ZERO = """
+import sys, time
+import torch
+import train
+
+def slow(phase):
+    calls = []
+
+    def run(*args, **kwargs):
+        if torch.distributed.get_rank() == 0 and not calls:  # the first call of each phase
+            time.sleep(SECONDS)
+        calls.append(1)
+        return phase(*args, **kwargs)
+    return run
+
+for name in ("write_validation_videos", "write_checkpoint", "save_final"):
+    setattr(train, name, slow(getattr(train, name)))
+train.main(sys.argv[1:])
+"""
+
+
+def test_slow_rank_zero_phases_outlast_the_collective_timeout(tmp_path, clips):
+    # Validation videos and the checkpoint after step 1, and the final save, run on rank 0 alone and take twice the
+    # collective timeout: rank 1 must wait for them, then train on, without a collective timing out.
+    script = tmp_path / "slow_rank_zero.py"
+    script.write_text(SLOW_RANK_ZERO.replace("SECONDS", "6"))
+    torchrun(tmp_path / "out", clips, "--max-steps", "2", "--dist-timeout", "3", "--validation-every", "1",
+             "--validation-steps", "1", "--checkpoint-every", "1", port=29781, script=str(script))
+    assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2]
+    assert len(os.listdir(tmp_path / "out" / "validation")) == 2
+
+
 def test_fsdp_trains_like_ddp(tmp_path, clips):
     ddp = torchrun(tmp_path / "ddp", clips, "--max-steps", "2", port=29761)
     fsdp = torchrun(tmp_path / "fsdp", clips, "--max-steps", "2", "--fsdp", "--validation-every", "2",
@@ -208,6 +409,18 @@ def test_accumulation_checkpointing_full_grid_and_validation_videos(tmp_path, cl
     from videorepa.video_io import read_video
 
     assert read_video(str(tmp_path / "validation" / videos[0])).shape == (9, 64, 96, 3)
+
+
+def test_validation_videos_from_a_saved_pipeline_in_bf16(tmp_path, clips):
+    # As with a real model: VAE and T5 load in bf16, the transformer trains in float32.
+    from videorepa.models import build_tiny_pipeline
+
+    build_tiny_pipeline().save_pretrained(tmp_path / "pipeline")
+    run_train(tmp_path / "out", "--max-steps", "1", "--model", str(tmp_path / "pipeline"), "--mixed-precision", "bf16",
+              "--validation-every", "1", "--validation-steps", "2", data=clips)
+    from videorepa.video_io import read_video
+
+    assert read_video(str(tmp_path / "out" / "validation" / "step-000001-0.mp4")).shape == (9, 64, 96, 3)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, clips, monkeypatch):

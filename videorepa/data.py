@@ -3,6 +3,7 @@ are decoded, frame-sampled and resized; a deterministic, resumable order of batc
 """
 
 import csv
+import math
 import os
 
 import numpy as np
@@ -67,23 +68,31 @@ class VideoCaptionDataset(torch.utils.data.Dataset):
 
 class BatchOrder:
     """Deterministic batches of dataset indices: a fresh permutation per epoch seeded by (seed, epoch), cut into
-    global batches of which each rank takes every world-th index. `position` is (epoch, cursor) and restores the
-    exact order on resume."""
+    global batches of which each rank takes every world-th index. As DistributedSampler, the permutation is padded
+    by repeating its start to a multiple of the world size, so every rank gets the same number of non-empty batches
+    each epoch. `position` is (epoch, cursor) and restores the exact order on resume."""
 
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
         self.position = (0, 0)
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank takes per epoch: ceil(ceil(size / world) / batch size)."""
+        return math.ceil(math.ceil(self.size / self.world) / self.batch_size)
+
     def _permutation(self, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        return torch.randperm(self.size, generator=gen).tolist()
+        order = torch.randperm(self.size, generator=gen).tolist()
+        padding = -len(order) % self.world
+        return order + (order * math.ceil(padding / len(order)))[:padding]
 
     def __iter__(self):
         epoch, cursor = self.position
         step = self.batch_size * self.world
         while True:
             order = self._permutation(epoch)
-            while cursor < self.size:
+            while cursor < len(order):
                 chunk = order[cursor:cursor + step]
                 cursor += step
                 # Each item carries the position after its batch, so the trainer records what it consumed

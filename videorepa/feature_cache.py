@@ -11,6 +11,10 @@ import torch
 
 from .files import atomic_path
 
+# What an entry holds beyond its config: bump when the computation changes, so old entries are never read.
+# 2: teacher frames resized bicubic without antialias, V-JEPA 2 before its final norm, VideoMAEv2 LayerNorm eps 1e-6.
+FORMAT = 2
+
 
 class FeatureCache:
     def __init__(self, folder: str, config: dict):
@@ -20,7 +24,7 @@ class FeatureCache:
 
     def key(self, video_path: str, caption: str) -> str:
         stat = os.stat(video_path) if os.path.exists(video_path) else None
-        identity = {"path": os.path.abspath(video_path), "caption": caption, "config": self.config,
+        identity = {"format": FORMAT, "path": os.path.abspath(video_path), "caption": caption, "config": self.config,
                     "file": [stat.st_size, stat.st_mtime_ns] if stat else None}
         return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 

@@ -9,15 +9,17 @@ import os
 import torch
 
 
-# Transformer configurations: the tiny one of the embedded default, and CogVideoX-2B's (for random-weight
-# benchmarks of a real-sized step; real weights come from a local directory).
+# Transformer configurations: the tiny one of the embedded default, and CogVideoX-2B's and -5B's (for random-weight
+# benchmarks and real-size shape checks; real weights come from a local directory).
+_COGVIDEOX = dict(attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512, text_embed_dim=4096,
+                  sample_width=90, sample_height=60, sample_frames=49, patch_size=2, temporal_compression_ratio=4,
+                  max_text_seq_length=226)
 TRANSFORMER_CONFIGS = {
     "tiny": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
                  text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9, patch_size=2,
                  temporal_compression_ratio=4, max_text_seq_length=128),
-    "cogvideox-2b": dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16,
-                         time_embed_dim=512, text_embed_dim=4096, num_layers=30, sample_width=90, sample_height=60,
-                         sample_frames=49, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226),
+    "cogvideox-2b": dict(_COGVIDEOX, num_attention_heads=30, num_layers=30),
+    "cogvideox-5b": dict(_COGVIDEOX, num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True),
 }
 
 

@@ -4,6 +4,7 @@ the same for a plain, a DDP and an FSDP model.
 """
 
 import contextlib
+import datetime
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
@@ -15,6 +16,23 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# How long ranks wait for work that only some of them do; a rank that fails ends the wait at once (its peers see
+# the connection close, and torchrun stops the others).
+RANK_LOCAL_WORK_LIMIT = datetime.timedelta(days=1)
+
+
+def init_process_groups(backend: str, timeout_s: int):
+    """The default process group, whose collectives time out after `timeout_s`, and a CPU (gloo) group for waiting
+    at a barrier while some ranks work alone (rank 0 writing validation videos, checkpoints or the final weights;
+    the feature cache filled unevenly): an unbounded phase there must not meet the collective timeout."""
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return torch.distributed.new_group(backend="gloo", timeout=RANK_LOCAL_WORK_LIMIT)
+
+
+def wait_for_everyone(waiting) -> None:
+    """Barrier in the group from init_process_groups; a no-op for a single process (None)."""
+    if waiting is not None:
+        torch.distributed.barrier(group=waiting)
 
 
 def shard(model: torch.nn.Module, device: torch.device, world: int) -> None:

@@ -1,7 +1,10 @@
-"""Named training presets: resolution, frames, where to align, head widths and learning rate.
+"""Named training presets: video size, where to align, head widths, and the optimisation recipe.
 
-`cogvideox-2b` follows the paper's recipe (49×480×720 video, block 18, teacher at 160×240, lr 2e-6). `tiny` is the
-embedded default: models built in code with random weights, small enough to train on a CPU in minutes.
+`cogvideox-2b` and `cogvideox-5b` follow the paper's runs (official: finetune/scripts/multigpu_VideoREPA_2B_sft.sh,
+multigpu_VideoREPA_5B_lora.sh, configs/zero2.yaml): 49×480×720 video, the output of the 18th block aligned, teacher
+at 160×240, 4 clips per GPU, linear warm-up and linear decay to 0 over the run; 2B a full finetune at lr 2e-6 for 4
+epochs, 5B LoRA r = 128, α = 64 at lr 1e-4 for 1 epoch. `tiny` is the embedded default: models built in code with
+random weights, small enough to train on a CPU in minutes; it aligns the output of the first of its two blocks.
 """
 
 from dataclasses import dataclass, replace
@@ -13,18 +16,38 @@ class Preset:
     num_frames: int  # pixel frames fed to the VAE: 4k + 1
     height: int
     width: int
-    align_layer: int  # hidden states after this transformer block are aligned (0-based)
+    # The output of the align_layer-th transformer block is aligned, counted from 1 as the paper's --align_layer: 18
+    # means after 18 blocks, transformer_blocks[17].
+    align_layer: int
     projector_hidden: int  # projector MLP: D_student -> hidden -> hidden -> D_teacher
     teacher_height: int  # teacher input resolution
     teacher_width: int
-    learning_rate: float
+    learning_rate: float  # full finetune
     lora_learning_rate: float
+    lora_rank: int  # 0: full finetune
+    lora_alpha: float | None  # None: the rank (α/r = 1)
+    batch_size: int  # clips per process
+    lr_scheduler: str  # constant, linear or cosine, after a linear warm-up
+    warmup_steps: int
+    max_steps: int | None  # the run's length: optimizer steps, or
+    num_epochs: int | None  # passes over the data
 
+
+# official: DeepSpeed's WarmupDecayLR (configs/zero2.yaml). Its warm-up length is "auto", which accelerate fills
+# from DummyScheduler's warmup_num_steps; finetune/trainer.py passes `num_warmup_steps=` instead, which
+# DummyScheduler swallows, so the trainer's 100 never arrives and DeepSpeed 0.16 raises the 0 to its minimum of 2
+# steps (log-shaped: lr 0, 0, then the peak). Linear decay to 0 over the run follows.
+_PAPER = dict(num_frames=49, height=480, width=720, align_layer=18, projector_hidden=2048, teacher_height=160,
+              teacher_width=240, batch_size=4, lr_scheduler="linear", warmup_steps=2, max_steps=None)
 
 PRESETS = {
-    "tiny": Preset("tiny", 9, 64, 96, 0, 64, 32, 48, 1e-3, 1e-3),
-    "cogvideox-2b": Preset("cogvideox-2b", 49, 480, 720, 18, 2048, 160, 240, 2e-6, 1e-4),
-    "cogvideox-5b": Preset("cogvideox-5b", 49, 480, 720, 18, 2048, 160, 240, 2e-6, 1e-4),
+    "tiny": Preset("tiny", num_frames=9, height=64, width=96, align_layer=1, projector_hidden=64, teacher_height=32,
+                   teacher_width=48, learning_rate=1e-3, lora_learning_rate=1e-3, lora_rank=0, lora_alpha=None,
+                   batch_size=2, lr_scheduler="constant", warmup_steps=0, max_steps=300, num_epochs=None),
+    "cogvideox-2b": Preset("cogvideox-2b", **_PAPER, learning_rate=2e-6, lora_learning_rate=1e-4, lora_rank=0,
+                           lora_alpha=None, num_epochs=4),
+    "cogvideox-5b": Preset("cogvideox-5b", **_PAPER, learning_rate=2e-6, lora_learning_rate=1e-4, lora_rank=128,
+                           lora_alpha=64, num_epochs=1),
 }
 
 

@@ -3,9 +3,9 @@ VideoMAEModel, the same ViT), VideoMAE and V-JEPA 2 from local transformers dire
 in code. A teacher maps pixel video (B, F, 3, H, W) in [-1, 1] to a token grid (B, T', H', W', D).
 
 Preprocessing as the paper: the first frame is dropped (CogVideoX's VAE encodes it alone as the first latent
-frame), frames are resized to the teacher's input size and ImageNet-normalised, and VideoMAE's fixed sinusoid
-position table is fitted to the input grid (bicubic in space, linear in time), since the pretrained table
-describes the 16×224² grid.
+frame), frames are resized bicubic without antialiasing to the teacher's input size and ImageNet-normalised, and
+VideoMAE's fixed sinusoid position table is fitted to the input grid (bicubic in space, linear in time), since the
+pretrained table describes the 16×224² grid. Features are the last block's output, before any final norm.
 """
 
 import os
@@ -46,15 +46,17 @@ class VideoTeacher(nn.Module):
         usable = (frames.shape[1] // self.tubelet) * self.tubelet
         frames = frames[:, :usable]
         b, f = frames.shape[:2]
-        frames = F.interpolate(frames.flatten(0, 1).float(), size=(self.height, self.width), mode="bilinear",
-                               align_corners=False, antialias=True).unflatten(0, (b, f))
+        # official: finetune/models/cogvideox_t2v_align/lora_trainer.py, compute_loss: F.interpolate(...,
+        # mode='bicubic'), no antialias. It normalises first; both steps are linear, so the order does not matter.
+        frames = F.interpolate(frames.flatten(0, 1).float(), size=(self.height, self.width), mode="bicubic",
+                               align_corners=False, antialias=False).unflatten(0, (b, f))
         return ((frames + 1) / 2 - self.mean) / self.std
 
     @torch.no_grad()
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         pixels = self.preprocess(video).to(next(self.model.parameters()).dtype)
         t, h, w = self.grid(video.shape[1])
-        if self.kind == "vjepa2":
+        if self.kind == "vjepa2":  # its final norm is an Identity (load_teacher)
             tokens = self.model(pixel_values_videos=pixels, skip_predictor=True).last_hidden_state
         else:
             # The encoder's last hidden state, before any final LayerNorm (the paper aligns to that).
@@ -143,13 +145,39 @@ def convert_videomaev2_state_dict(state: dict, num_heads: int | None = None):
         if new == key:
             raise ValueError(f"unexpected key {key!r} in the VideoMAEv2 checkpoint")
         converted[new] = value
+    # official: finetune/models/cogvideox_t2v_align/models/ssl/VideoMAEv2.py, norm_layer=partial(nn.LayerNorm,
+    # eps=1e-6). `qkv_bias` is the 4.x name; 5.x reads it as `qv_bias`.
     config = VideoMAEConfig(
         image_size=224, patch_size=patch, num_frames=16, tubelet_size=tubelet, hidden_size=hidden,
         num_hidden_layers=layers, num_attention_heads=num_heads or default_heads(hidden),
         intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0], qkv_bias="blocks.0.attn.q_bias" in state,
-        use_mean_pooling=True,
+        use_mean_pooling=True, layer_norm_eps=1e-6,
     )
     return config, converted
+
+
+def fit_attention_bias_names(state: dict, model_keys) -> dict:
+    """`state` with VideoMAE's query and value biases named as `model_keys` name them: transformers 4.x keeps them
+    as parameters of their own (attention.attention.q_bias / v_bias), 5.x as the projections' biases
+    (attention.attention.query.bias / value.bias, which the conversion writes)."""
+    if not any(k.endswith("attention.attention.q_bias") for k in model_keys):
+        return state
+    names = {"query.bias": "q_bias", "value.bias": "v_bias"}
+    projection_bias = re.compile(r"(?<=attention\.attention\.)(query|value)\.bias$")
+    return {projection_bias.sub(lambda m: names[m.group(0)], k): v for k, v in state.items()}
+
+
+def load_videomaev2(path: str):
+    """VideoMAEModel holding the official VideoMAEv2 checkpoint at `path`, whichever transformers version runs."""
+    from transformers import VideoMAEModel
+
+    config, state = convert_videomaev2_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model = VideoMAEModel(config)
+    state = fit_attention_bias_names(state, model.state_dict().keys())
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"VideoMAEv2 conversion mismatch: missing {missing}, unexpected {unexpected}")
+    return model
 
 
 def load_teacher(kind: str, path: str | None, height: int, width: int, num_frames: int) -> VideoTeacher:
@@ -162,24 +190,24 @@ def load_teacher(kind: str, path: str | None, height: int, width: int, num_frame
         raise ValueError(f"--teacher {kind} needs --teacher-path pointing at local weights, got {path!r}")
     frames = num_frames - 1
     if kind == "videomaev2":
-        from transformers import VideoMAEModel
-
-        config, state = convert_videomaev2_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        model = VideoMAEModel(config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"VideoMAEv2 conversion mismatch: missing {missing}, unexpected {unexpected}")
+        model = load_videomaev2(path)
     elif kind == "videomae":
         from transformers import VideoMAEModel
 
         model = VideoMAEModel.from_pretrained(path)
     else:
-        from transformers import VJEPA2Model
+        try:
+            from transformers import VJEPA2Model
+        except ImportError as err:
+            raise ImportError("--teacher vjepa2 needs transformers >= 4.53 (VJEPA2Model)") from err
 
         if height != width:
             raise ValueError(f"V-JEPA 2 takes square input; got teacher size {height}×{width}")
         # Its rotary positions assume the crop_size grid: set it to the input or positions are silently wrong.
         model = VJEPA2Model.from_pretrained(path, crop_size=height, frames_per_clip=frames)
+        # Features before the final norm. official: finetune/models/cogvideox_t2v_align/lora_trainer.py,
+        # `self.vision_encoder.norm = torch.nn.Identity()`
+        model.encoder.layernorm = nn.Identity()
         cfg = model.config
         return VideoTeacher(model, kind, height, width, cfg.patch_size, cfg.tubelet_size)
     fit_position_table(model, (frames // model.config.tubelet_size) * model.config.tubelet_size, height, width)

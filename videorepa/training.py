@@ -23,13 +23,15 @@ class VideoREPAModel(nn.Module):
         if align_loss not in ALIGN_LOSSES:
             raise ValueError(f"--align-loss must be one of {ALIGN_LOSSES}, got {align_loss!r}")
         blocks = len(transformer.transformer_blocks)
-        if not 0 <= align_layer < blocks:
-            raise ValueError(f"--align-layer must be in [0, {blocks - 1}] for this transformer, got {align_layer}")
+        if not 1 <= align_layer <= blocks:
+            raise ValueError(f"--align-layer must be in [1, {blocks}] for this transformer, got {align_layer}")
         self.transformer, self.aligner = transformer, aligner
         self.scheduler = scheduler
         self.align_loss, self.trd_weight, self.margin = align_loss, trd_weight, margin
         self.trd_mode, self.trd_backend = trd_mode, trd_backend
-        self.block_output = BlockOutput(transformer.transformer_blocks[align_layer])
+        # The output of the align_layer-th block, counted from 1.
+        # official: finetune/models/cogvideox_t2v_align/models/cogvideox_align.py, `if (i + 1) == self.align_layer`
+        self.block_output = BlockOutput(transformer.transformer_blocks[align_layer - 1])
 
     def alignment(self, hidden: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         student, target = self.aligner(hidden, teacher)
