@@ -61,6 +61,10 @@ def test_lora_output_loads_with_its_scale(runs):
     assert not np.array_equal(lora_full, base)
 
 
+def test_vae_tiling_leaves_the_tiny_video_whole(runs):
+    assert np.array_equal(frames_for(runs / "full", extra=["--vae-tiling"]), frames_for(runs / "full"))
+
+
 def test_one_file_per_prompt_and_seed(runs, tmp_path):
     written = sample.main(["--model", str(runs / "full"), "--prompt", "A ball falls.", "--prompt", "A ball falls.",
                            "--seed", "0", "1", "--output-dir", str(tmp_path), "--format", "gif", *FAST])
