@@ -1,9 +1,11 @@
 """sample.py on CPU with tiny train.py outputs: full and LoRA models, seeds, files, frames, errors."""
 
+import logging
 import os
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 
@@ -92,8 +94,22 @@ def test_errors_name_the_problem(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(sample, "DEFAULT_RUN", str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="run `python train.py` first"):
         sample.main(FAST)
-    with pytest.raises(ValueError, match="over the text encoder's limit of 128"):
-        sample.main(["--model", str(runs / "full"), "--prompt", "ball " * 100, *FAST])
     for argv in (["--num-frames", "10"], ["--height", "100"], ["--output", "x.mp4", "--seed", "1", "2"]):
         with pytest.raises(SystemExit):
             sample.parse_args(argv)
+
+
+# Prompts over the text encoder's limit: truncated with the stock pipeline's warning, not refused.
+
+def test_long_prompt_is_truncated_with_a_warning(runs, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("diffusers"), "propagate", True)
+    long_prompt = "A red ball falls off a table, bounces twice and rolls away. " * 5  # 300 bytes
+    out = tmp_path / "long.mp4"
+    with caplog.at_level(logging.WARNING):
+        sample.main(["--model", str(runs / "full"), "--prompt", long_prompt, "--output", str(out), "--lossless",
+                     *FAST])
+    assert any("truncated" in record.getMessage() for record in caplog.records)
+    # ByT5 reads one token per byte, and its end-of-text token makes 128: the first 127 bytes are what counts.
+    cut = sample.parse_args(["--model", str(runs / "full"), "--prompt", long_prompt[:127], *FAST])
+    pipe = sample.load(cut, torch.device("cpu"), torch.float32)
+    assert np.array_equal(read_video(str(out)), sample.generate(pipe, cut.prompt[0], cut.seed[0], cut))

@@ -86,7 +86,8 @@ def text_length(pipe) -> int:
 
 def generate_video(pipe, prompt: str, seed: int, num_frames: int | None = None, height: int | None = None,
                    width: int | None = None, steps: int = 50, guidance_scale: float = 6.0):
-    """uint8 frames (F, H, W, 3) from a CogVideoX pipeline; unset sizes default to the model's own."""
+    """uint8 frames (F, H, W, 3) from a CogVideoX pipeline; unset sizes default to the model's own. A prompt longer
+    than the text encoder's limit is truncated, with the pipeline's warning."""
     frames = pipe(prompt, num_frames=num_frames or pipe.transformer.config.sample_frames, height=height, width=width,
                   num_inference_steps=steps, guidance_scale=guidance_scale, max_sequence_length=text_length(pipe),
                   generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
