@@ -4,6 +4,8 @@
     python sample.py --model runs/2b/final --prompts prompts/videorepa_demos.txt --output-dir videos --seed 0 1
     python sample.py --model runs/2b-lora/final --lora-scale 0.8 --prompt "Glass shatters on the floor." --output a.mp4
 
+Defaults are the official inference's (inference/generate.py): CogVideoXDPMScheduler with trailing timestep
+spacing, dynamic classifier-free guidance at scale 6, 50 steps, seed 42, 8 fps, VAE slicing and tiling.
 Stock diffusers CogVideoXPipeline throughout: a LoRA output is its base pipeline plus `load_lora_weights`.
 """
 
@@ -20,13 +22,15 @@ from videorepa.models import generate_video
 from videorepa.presets import video_size_error
 
 DEFAULT_RUN = os.path.join("runs", "tiny")
+SCHEDULERS = {"dpm": "CogVideoXDPMScheduler", "ddim": "CogVideoXDDIMScheduler"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help=f"pipeline directory, train.py's final/ (full or LoRA) or its output directory "
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help=f"pipeline directory, train.py's final/ (full or LoRA) or its output directory "
                    f"(default: {DEFAULT_RUN}, the embedded default's output)")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of LoRA weights (LoRA outputs only)")
+    m.add_argument("--lora-scale", type=float, default=1.0, help="strength of LoRA weights (LoRA outputs only)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a prompt (repeatable); prompts over the text encoder's "
                      "limit (226 tokens for CogVideoX) are truncated with a warning")
@@ -37,18 +41,26 @@ def parse_args(argv=None):
     p.add_argument("--num-frames", type=int, help="4k + 1 frames (default: the model's, 49 for CogVideoX)")
     p.add_argument("--height", type=int, help="multiple of 16 (default: the model's)")
     p.add_argument("--width", type=int, help="multiple of 16 (default: the model's)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=6.0)
-    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds: one video per seed")
-    p.add_argument("--fps", type=int, default=8)
+    g = p.add_argument_group("sampling (defaults: the official inference's)")
+    g.add_argument("--scheduler", choices=list(SCHEDULERS), default="dpm",
+                   help="CogVideoXDPMScheduler or CogVideoXDDIMScheduler, on the model's noise schedule")
+    g.add_argument("--timestep-spacing", choices=["trailing", "leading", "linspace"], default="trailing")
+    g.add_argument("--steps", type=int, default=50, help="denoising steps")
+    g.add_argument("--guidance-scale", type=float, default=6.0)
+    g.add_argument("--dynamic-cfg", action=argparse.BooleanOptionalAction, default=True,
+                   help="CogVideoX's guidance scale that rises over the steps")
+    g.add_argument("--seed", type=int, nargs="+", default=[42], help="one or more seeds: one video per seed")
+    g.add_argument("--fps", type=int, default=8)
+    g.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode the video in tiles (less GPU memory)")
+    g.add_argument("--vae-slicing", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode one video of the batch at a time")
     p.add_argument("--format", choices=["mp4", "gif"], default="mp4")
     p.add_argument("--lossless", action="store_true", help="mp4 that stores every RGB value exactly (H.264 RGB, "
                    "qp 0): for evaluation; fewer players take it")
     p.add_argument("--attention", choices=ATTENTION, default="auto")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles (less GPU memory)")
-    p.add_argument("--vae-slicing", action="store_true", help="decode one video of the batch at a time")
     p.add_argument("--cpu-offload", action="store_true", help="keep models on CPU, move each to the GPU when used")
     args = p.parse_args(argv)
     if args.prompts:
@@ -90,13 +102,16 @@ def resolve_model(path: str | None) -> tuple[str, str | None]:
 
 
 def load(args, device, dtype):
-    from diffusers import CogVideoXPipeline
+    import diffusers
 
     base, lora = resolve_model(args.model)
-    pipe = CogVideoXPipeline.from_pretrained(base, torch_dtype=dtype)
+    pipe = diffusers.CogVideoXPipeline.from_pretrained(base, torch_dtype=dtype)
     if lora:
         pipe.load_lora_weights(lora, adapter_name="videorepa")
         pipe.set_adapters(["videorepa"], [args.lora_scale])
+    # official: inference/generate.py swaps in CogVideoXDPMScheduler with trailing spacing on the model's schedule
+    scheduler = getattr(diffusers, SCHEDULERS[args.scheduler])
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config, timestep_spacing=args.timestep_spacing)
     if args.vae_tiling:
         pipe.vae.enable_tiling()
     if args.vae_slicing:
@@ -124,7 +139,7 @@ def output_paths(args) -> list[tuple[str, int, str]]:
 def generate(pipe, prompt, seed, args):
     """uint8 frames (F, H, W, 3)."""
     return generate_video(pipe, prompt, seed, args.num_frames, args.height, args.width, args.steps,
-                          args.guidance_scale)
+                          args.guidance_scale, use_dynamic_cfg=args.dynamic_cfg)
 
 
 def main(argv=None):

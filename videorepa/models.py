@@ -85,11 +85,13 @@ def text_length(pipe) -> int:
 
 
 def generate_video(pipe, prompt: str, seed: int, num_frames: int | None = None, height: int | None = None,
-                   width: int | None = None, steps: int = 50, guidance_scale: float = 6.0):
+                   width: int | None = None, steps: int = 50, guidance_scale: float = 6.0,
+                   use_dynamic_cfg: bool = False):
     """uint8 frames (F, H, W, 3) from a CogVideoX pipeline; unset sizes default to the model's own. A prompt longer
     than the text encoder's limit is truncated, with the pipeline's warning."""
     frames = pipe(prompt, num_frames=num_frames or pipe.transformer.config.sample_frames, height=height, width=width,
-                  num_inference_steps=steps, guidance_scale=guidance_scale, max_sequence_length=text_length(pipe),
-                  generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
+                  num_inference_steps=steps, guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg,
+                  max_sequence_length=text_length(pipe), generator=torch.Generator().manual_seed(seed),
+                  output_type="np").frames[0]
     # Floats in [0, 1] become uint8 exactly once, here; the video writer takes uint8 as is.
     return (frames * 255).round().clip(0, 255).astype("uint8")
