@@ -1,12 +1,16 @@
-"""Generate videos with a CogVideoX pipeline: a train.py output (full finetune or LoRA) or any CogVideoX directory.
+"""Generate videos with a CogVideoX pipeline: a train.py output (full finetune or LoRA), any CogVideoX directory, or
+the released VideoREPA checkpoints on their base models.
 
     python sample.py                                          # newest output of `python train.py` (runs/tiny)
     python sample.py --model runs/2b/final --prompts prompts/videorepa_demos.txt --output-dir videos --seed 0 1
     python sample.py --model runs/2b-lora/final --lora-scale 0.8 --prompt "Glass shatters on the floor." --output a.mp4
+    python sample.py --model CogVideoX-2b --transformer VideoREPA/transformer
+    python sample.py --model CogVideoX-5b --lora VideoREPA/pytorch_lora_weights.safetensors --lora-scale 0.5
 
-Defaults are the official inference's (inference/generate.py): CogVideoXDPMScheduler with trailing timestep
-spacing, dynamic classifier-free guidance at scale 6, 50 steps, seed 42, 8 fps, VAE slicing and tiling.
-Stock diffusers CogVideoXPipeline throughout: a LoRA output is its base pipeline plus `load_lora_weights`.
+The last two run the released VideoREPA-2B and VideoREPA-5B on their base models, as downloaded. Defaults are the
+official inference's (inference/generate.py): CogVideoXDPMScheduler with trailing timestep spacing, dynamic
+classifier-free guidance at scale 6, 50 steps, seed 42, 8 fps, VAE slicing and tiling. Stock diffusers
+CogVideoXPipeline throughout: LoRA weights are fused with `load_lora_weights` and `fuse_lora`.
 """
 
 import argparse
@@ -18,7 +22,7 @@ import sys
 import torch
 
 from videorepa.attention import ATTENTION, attention_kernel, resolve_attention
-from videorepa.models import generate_video
+from videorepa.models import generate_video, load_transformer
 from videorepa.presets import video_size_error
 
 DEFAULT_RUN = os.path.join("runs", "tiny")
@@ -30,7 +34,13 @@ def parse_args(argv=None):
     m = p.add_argument_group("model")
     m.add_argument("--model", help=f"pipeline directory, train.py's final/ (full or LoRA) or its output directory "
                    f"(default: {DEFAULT_RUN}, the embedded default's output)")
-    m.add_argument("--lora-scale", type=float, default=1.0, help="strength of LoRA weights (LoRA outputs only)")
+    m.add_argument("--transformer", help="transformer folder that replaces the pipeline's, e.g. the released "
+                   "VideoREPA-2B transformer/ (its training-only projector is left out and reported)")
+    m.add_argument("--lora", help="LoRA weights fused onto --model: a .safetensors file in diffusers key names or a "
+                   "folder holding pytorch_lora_weights.safetensors, e.g. the released VideoREPA-5B")
+    m.add_argument("--lora-scale", type=float, default=1.0,
+                   help="multiplier on the LoRA's own alpha/rank (default 1: as trained). A file that records no "
+                   "alpha counts alpha = rank: the released VideoREPA-5B (alpha/rank = 64/128) takes 0.5")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a prompt (repeatable); prompts over the text encoder's "
                      "limit (226 tokens for CogVideoX) are truncated with a warning")
@@ -101,14 +111,55 @@ def resolve_model(path: str | None) -> tuple[str, str | None]:
     return path, None
 
 
+def lora_file(path: str) -> str:
+    """The LoRA weights --lora names: a file, or a folder holding diffusers' pytorch_lora_weights.safetensors."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "pytorch_lora_weights.safetensors")
+    if not os.path.isfile(path):
+        raise ValueError(f"--lora {path!r}: no such file")
+    return path
+
+
+def fuse_lora(pipe, path: str, scale: float):
+    """W + scale·(α/r)·BA in every adapted layer, α and r as stock `load_lora_weights` reads them from the file
+    (α = r where its metadata records no α); fused as the official inference does (inference/generate.py), so
+    sampling runs plain layers."""
+    pipe.load_lora_weights(path, adapter_name="videorepa")
+    pipe.fuse_lora(components=["transformer"], lora_scale=scale)
+    pipe.unload_lora_weights()
+
+
+def report_left_out(path: str, tensors: list[str], config_keys: list[str]):
+    """One line on what a --transformer folder holds beyond the stock model (the released VideoREPA-2B: its
+    projector)."""
+    left_out = []
+    if tensors:
+        left_out.append(f"{len(tensors)} tensors ({', '.join(sorted({t.split('.')[0] for t in tensors}))})")
+    if config_keys:
+        left_out.append(f"config keys {', '.join(config_keys)}")
+    if left_out:
+        print(f"--transformer {path}: left out {' and '.join(left_out)}, which stock CogVideoXTransformer3DModel "
+              "has no use for")
+
+
 def load(args, device, dtype):
     import diffusers
 
     base, lora = resolve_model(args.model)
-    pipe = diffusers.CogVideoXPipeline.from_pretrained(base, torch_dtype=dtype)
+    if args.lora:
+        if lora:
+            raise ValueError(f"--lora: --model {args.model!r} is a LoRA output already; name its base as --model")
+        lora = lora_file(args.lora)
+    elif args.lora_scale != 1.0 and not lora:
+        raise ValueError("--lora-scale needs LoRA weights: --lora, or a LoRA output as --model")
+    components = {}
+    if args.transformer:
+        transformer, tensors, config_keys = load_transformer(args.transformer, dtype)
+        report_left_out(args.transformer, tensors, config_keys)
+        components["transformer"] = transformer
+    pipe = diffusers.CogVideoXPipeline.from_pretrained(base, torch_dtype=dtype, **components)
     if lora:
-        pipe.load_lora_weights(lora, adapter_name="videorepa")
-        pipe.set_adapters(["videorepa"], [args.lora_scale])
+        fuse_lora(pipe, lora, args.lora_scale)
     # official: inference/generate.py swaps in CogVideoXDPMScheduler with trailing spacing on the model's schedule
     scheduler = getattr(diffusers, SCHEDULERS[args.scheduler])
     pipe.scheduler = scheduler.from_config(pipe.scheduler.config, timestep_spacing=args.timestep_spacing)

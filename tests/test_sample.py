@@ -1,6 +1,7 @@
 """sample.py on CPU with tiny train.py outputs (full and LoRA models, seeds, files, frames, errors), the official
-inference settings and long prompts."""
+inference settings, long prompts, and tiny stand-ins for the released VideoREPA checkpoints in their layouts."""
 
+import json
 import logging
 import os
 
@@ -10,16 +11,20 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline  # noqa: E402
+from diffusers import (  # noqa: E402
+    CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel,
+)
+from safetensors.torch import save_file  # noqa: E402
 
 import sample  # noqa: E402
 import train  # noqa: E402
-from videorepa.models import build_tiny_pipeline  # noqa: E402
+from videorepa.models import build_tiny_pipeline, build_transformer, generate_video  # noqa: E402
 from videorepa.synthetic import write_dataset  # noqa: E402
 from videorepa.video_io import read_video  # noqa: E402
 
 FAST = ["--steps", "2"]
 CPU = torch.device("cpu")
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +46,10 @@ def base_model(tmp_path_factory):
     pipe.scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
     pipe.save_pretrained(folder)
     return folder
+
+
+def load(argv):
+    return sample.load(sample.parse_args([*argv, *FAST]), CPU, torch.float32)
 
 
 def frames_for(model, seed=42, extra=()):
@@ -110,6 +119,14 @@ def test_errors_name_the_problem(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(sample, "DEFAULT_RUN", str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="run `python train.py` first"):
         sample.main(FAST)
+    with pytest.raises(ValueError, match="--lora .*no such file"):
+        sample.main(["--model", str(runs / "full"), "--lora", str(tmp_path / "missing.safetensors"), *FAST])
+    with pytest.raises(ValueError, match="is a LoRA output already"):
+        sample.main(["--model", str(runs / "lora"), "--lora", str(runs / "lora" / "final"), *FAST])
+    with pytest.raises(ValueError, match="--lora-scale needs LoRA weights"):
+        sample.main(["--model", str(runs / "full"), "--lora-scale", "0.5", *FAST])
+    with pytest.raises(ValueError, match="--transformer .*no config.json"):
+        sample.main(["--model", str(runs / "full"), "--transformer", str(tmp_path), *FAST])
     for argv in (["--num-frames", "10"], ["--height", "100"], ["--output", "x.mp4", "--seed", "1", "2"],
                  ["--scheduler", "euler"], ["--timestep-spacing", "middle"]):
         with pytest.raises(SystemExit):
@@ -189,3 +206,140 @@ def test_long_prompt_is_truncated_with_a_warning(runs, tmp_path, caplog, monkeyp
     pipe = sample.load(cut, CPU, torch.float32)
     assert np.array_equal(read_video(str(out)), sample.generate(pipe, cut.prompt[0], cut.seed[0], cut))
 
+
+# The released checkpoints, as tiny stand-ins in their exact layouts (official: inference/models/cogvideox_align.py,
+# finetune/scripts/merge.sh, inference/generate.py).
+
+PROJECTOR = {  # CogVideoXTransformer3DModelAlign's extras at width 32, projector_dim 16, align_dims [12]
+    "projectors.0.0.weight": (16, 32), "projectors.0.0.bias": (16,), "projectors.0.2.weight": (16, 16),
+    "projectors.0.2.bias": (16,), "projectors.0.4.weight": (12, 16), "projectors.0.4.bias": (12,),
+    "downsampler_cogvideo_output.weight": (12, 12, 3, 3), "downsampler_cogvideo_output.bias": (12,),
+}
+
+
+def trained_transformer():
+    """Tiny transformer weights other than the base's (seed 0), standing in for finetuned ones."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        return build_transformer("tiny").eval()
+
+
+def write_videorepa_2b(folder, transformer, shards=False, drop=()):
+    """VideoREPA-2B's transformer/: config.json naming CogVideoXTransformer3DModelAlign with its extra keys, and
+    the stock weights plus the projector in fp32 safetensors, as one file or as the shards of zero_to_fp32 with the
+    index that merge.sh renames to diffusers' name."""
+    os.makedirs(folder)
+    config = {key: value for key, value in transformer.config.items() if not key.startswith("_")}
+    config.update(_class_name="CogVideoXTransformer3DModelAlign", _diffusers_version="0.32.1", align_layer=2,
+                  align_dims=[12], projector_dim=16)
+    with open(folder / "config.json", "w") as f:
+        json.dump(config, f)
+    generator = torch.Generator().manual_seed(3)
+    tensors = {key: value.contiguous() for key, value in transformer.state_dict().items() if key not in drop}
+    tensors.update({key: torch.randn(shape, generator=generator) for key, shape in PROJECTOR.items()})
+    if not shards:
+        save_file(tensors, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+        return
+    names = sorted(tensors)
+    files = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in files.items():
+        save_file({key: tensors[key] for key in keys}, folder / file, metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": {key: file for file, keys in files.items() for key in keys}}
+    with open(folder / "diffusion_pytorch_model.safetensors.index.json", "w") as f:
+        json.dump(index, f)
+
+
+def test_released_2b_transformer_loads_into_the_stock_model(base_model, tmp_path, capsys):
+    trained = trained_transformer()
+    write_videorepa_2b(tmp_path / "transformer", trained)
+    pipe = load(["--model", str(base_model), "--transformer", str(tmp_path / "transformer")])
+    assert type(pipe.transformer) is CogVideoXTransformer3DModel
+    got, want = pipe.transformer.state_dict(), trained.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in want)
+    report = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--transformer")]
+    assert len(report) == 1
+    assert "8 tensors (downsampler_cogvideo_output, projectors)" in report[0]
+    assert "config keys align_dims, align_layer, projector_dim" in report[0]
+
+
+def test_released_2b_samples_as_its_weights_do(base_model, tmp_path):
+    """The sharded layout, end to end: the video equals the base pipeline's with the finetuned weights put in."""
+    trained = trained_transformer()
+    write_videorepa_2b(tmp_path / "transformer", trained, shards=True)
+    out = tmp_path / "2b.mp4"
+    sample.main(["--model", str(base_model), "--transformer", str(tmp_path / "transformer"), "--output", str(out),
+                 "--lossless", *FAST])
+    pipe = CogVideoXPipeline.from_pretrained(base_model, transformer=trained)
+    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    want = generate_video(pipe, sample.parse_args([]).prompt[0], 42, steps=2, use_dynamic_cfg=True)
+    assert np.array_equal(read_video(str(out)), want)
+
+
+def test_transformer_missing_a_stock_weight_is_an_error(base_model, tmp_path):
+    write_videorepa_2b(tmp_path / "transformer", trained_transformer(), drop=["norm_final.weight"])
+    with pytest.raises(ValueError, match="lacks 1 weights of CogVideoXTransformer3DModel: norm_final.weight"):
+        load(["--model", str(base_model), "--transformer", str(tmp_path / "transformer")])
+
+
+def lora_tensors(rank=4, width=32, layers=2, seed=5):
+    """Random LoRA A and B for every targeted layer, in diffusers key names."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for block in range(layers):
+        for target in LORA_TARGETS:
+            key = f"transformer.transformer_blocks.{block}.attn1.{target}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, width, generator=generator) / width ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(width, rank, generator=generator) / rank ** 0.5
+    return tensors
+
+
+def fused(weights, tensors, scale):
+    """W + scale·BA for every layer the LoRA tensors adapt: the official fuse_lora(lora_scale=α/r)."""
+    out = dict(weights)
+    for key in tensors:
+        if key.endswith(".lora_A.weight"):
+            layer = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+            up = tensors[key.replace("lora_A", "lora_B")]
+            out[f"{layer}.weight"] = weights[f"{layer}.weight"] + scale * up @ tensors[key]
+    return out
+
+
+def test_released_5b_lora_fuses_at_the_given_scale(base_model, tmp_path):
+    """VideoREPA-5B's pytorch_lora_weights.safetensors (diffusers keys, no α recorded, trained at α/r = 64/128):
+    --lora-scale 0.5 gives the official fusion at α/r = 0.5; a folder holding the file works alike."""
+    tensors = lora_tensors()
+    save_file(tensors, tmp_path / "pytorch_lora_weights.safetensors", metadata={"format": "pt"})
+    base = CogVideoXTransformer3DModel.from_pretrained(base_model, subfolder="transformer").state_dict()
+    want = fused(base, tensors, 0.5)
+    for lora in (tmp_path / "pytorch_lora_weights.safetensors", tmp_path):
+        got = load(["--model", str(base_model), "--lora", str(lora), "--lora-scale", "0.5"]).transformer.state_dict()
+        assert got.keys() == want.keys()  # fused: plain layers, no adapter left
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+
+
+def transformer_output(transformer):
+    generator = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(1, 3, 4, 8, 12, generator=generator), torch.randn(1, 128, 32, generator=generator)
+    with torch.no_grad():
+        return transformer(hidden_states=latents, encoder_hidden_states=text, timestep=torch.tensor([500])).sample
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_trained_lora_alpha_is_honoured(base_model, tmp_path, scale):
+    """A LoRA final/ whose file records α = 8 at r = 4 in diffusers' adapter metadata: sampling applies
+    --lora-scale × α/r, not the α = r that a file without α gets."""
+    from peft import LoraConfig
+
+    tensors = lora_tensors()
+    final = tmp_path / "final"
+    CogVideoXPipeline.save_lora_weights(
+        final, transformer_lora_layers={key.removeprefix("transformer."): t for key, t in tensors.items()},
+        transformer_lora_adapter_metadata=LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS).to_dict())
+    with open(final / "videorepa.json", "w") as f:
+        json.dump({"base_model": str(base_model), "lora_rank": 4}, f)
+    pipe = load(["--model", str(final), "--lora-scale", str(scale)])
+    reference = CogVideoXTransformer3DModel.from_pretrained(base_model, subfolder="transformer")
+    reference.load_state_dict(fused(reference.state_dict(), tensors, 8 / 4 * scale))
+    torch.testing.assert_close(transformer_output(pipe.transformer), transformer_output(reference))

@@ -4,6 +4,8 @@ Everything is stock diffusers/transformers; no custom pipeline class, so whateve
 `CogVideoXPipeline.from_pretrained`.
 """
 
+import inspect
+import json
 import os
 
 import torch
@@ -77,6 +79,40 @@ def load_pipeline(path: str, dtype: torch.dtype | dict = torch.float32):
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
         module.eval()
     return pipe
+
+
+def load_transformer(path: str, dtype: torch.dtype = torch.float32):
+    """A CogVideoX transformer folder as stock `CogVideoXTransformer3DModel`: (model, left-out tensor names,
+    left-out config keys).
+
+    Takes the released VideoREPA-2B `transformer/` as it is: its config names the training class
+    CogVideoXTransformer3DModelAlign and adds align_layer, align_dims and projector_dim, and its weights add the
+    training-only projector (projectors.*, downsampler_cogvideo_output.*), which sampling never runs (official:
+    inference/models/cogvideox_align.py). Those are left out and returned; a stock weight the folder lacks is an
+    error (diffusers would leave it uninitialised), as is one of the wrong shape.
+    """
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"--transformer {path!r} is not a transformer folder (no config.json)")
+    with open(config_file) as f:
+        config = json.load(f)
+    if not str(config.get("_class_name", "")).startswith("CogVideoXTransformer3DModel"):
+        raise ValueError(f"--transformer {path!r} holds a {config.get('_class_name')!r}, not a CogVideoX transformer")
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its warnings on the extras, multi-line; the caller reports them
+    try:
+        model, info = CogVideoXTransformer3DModel.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        raise ValueError(f"--transformer {path!r} lacks {len(info['missing_keys'])} weights of "
+                         f"CogVideoXTransformer3DModel: {', '.join(sorted(info['missing_keys']))}")
+    stock_keys = inspect.signature(CogVideoXTransformer3DModel.__init__).parameters
+    extra_config = sorted(k for k in config if not k.startswith("_") and k not in stock_keys)
+    return model.eval(), sorted(info["unexpected_keys"]), extra_config
 
 
 def text_length(pipe) -> int:
