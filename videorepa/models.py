@@ -4,6 +4,8 @@ Everything is stock diffusers/transformers; no custom pipeline class, so whateve
 `CogVideoXPipeline.from_pretrained`.
 """
 
+import inspect
+import json
 import os
 
 import torch
@@ -48,9 +50,12 @@ def build_tiny_pipeline(seed: int = 0):
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     transformer = build_transformer("tiny")
+    # The VAE keeps CogVideoX's sample size, 480×720, which sets only its tile size (240×360): VAE tiling leaves the
+    # tiny video whole, as it splits a real one. Tiles of half the tiny size do not divide it, and diffusers' tiled
+    # decode then returns frames of the wrong size (70×110 for 64×96).
     vae = AutoencoderKLCogVideoX(
         block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
-        temporal_compression_ratio=4, sample_height=64, sample_width=96,
+        temporal_compression_ratio=4,
     )
     tokenizer = ByT5Tokenizer()
     text_encoder = T5EncoderModel(T5Config(
@@ -78,16 +83,53 @@ def load_pipeline(path: str, dtype: torch.dtype | dict = torch.float32):
     return pipe
 
 
+def load_transformer(path: str, dtype: torch.dtype = torch.float32):
+    """A CogVideoX transformer folder as stock `CogVideoXTransformer3DModel`: (model, left-out tensor names,
+    left-out config keys).
+
+    Takes the released VideoREPA-2B `transformer/` as it is: its config names the training class
+    CogVideoXTransformer3DModelAlign and adds align_layer, align_dims and projector_dim, and its weights add the
+    training-only projector (projectors.*, downsampler_cogvideo_output.*), which sampling never runs (official:
+    inference/models/cogvideox_align.py). Those are left out and returned; a stock weight the folder lacks is an
+    error (diffusers would leave it uninitialised), as is one of the wrong shape.
+    """
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"--transformer {path!r} is not a transformer folder (no config.json)")
+    with open(config_file) as f:
+        config = json.load(f)
+    if not str(config.get("_class_name", "")).startswith("CogVideoXTransformer3DModel"):
+        raise ValueError(f"--transformer {path!r} holds a {config.get('_class_name')!r}, not a CogVideoX transformer")
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its warnings on the extras, multi-line; the caller reports them
+    try:
+        model, info = CogVideoXTransformer3DModel.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        raise ValueError(f"--transformer {path!r} lacks {len(info['missing_keys'])} weights of "
+                         f"CogVideoXTransformer3DModel: {', '.join(sorted(info['missing_keys']))}")
+    stock_keys = inspect.signature(CogVideoXTransformer3DModel.__init__).parameters
+    extra_config = sorted(k for k in config if not k.startswith("_") and k not in stock_keys)
+    return model.eval(), sorted(info["unexpected_keys"]), extra_config
+
+
 def text_length(pipe) -> int:
     """Text tokens the transformer was built for (226 for CogVideoX)."""
     return pipe.transformer.config.max_text_seq_length
 
 
 def generate_video(pipe, prompt: str, seed: int, num_frames: int | None = None, height: int | None = None,
-                   width: int | None = None, steps: int = 50, guidance_scale: float = 6.0):
-    """uint8 frames (F, H, W, 3) from a CogVideoX pipeline; unset sizes default to the model's own."""
+                   width: int | None = None, steps: int = 50, guidance_scale: float = 6.0,
+                   use_dynamic_cfg: bool = False):
+    """uint8 frames (F, H, W, 3) from a CogVideoX pipeline; unset sizes default to the model's own. A prompt longer
+    than the text encoder's limit is truncated, with the pipeline's warning."""
     frames = pipe(prompt, num_frames=num_frames or pipe.transformer.config.sample_frames, height=height, width=width,
-                  num_inference_steps=steps, guidance_scale=guidance_scale, max_sequence_length=text_length(pipe),
-                  generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
+                  num_inference_steps=steps, guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg,
+                  max_sequence_length=text_length(pipe), generator=torch.Generator().manual_seed(seed),
+                  output_type="np").frames[0]
     # Floats in [0, 1] become uint8 exactly once, here; the video writer takes uint8 as is.
     return (frames * 255).round().clip(0, 255).astype("uint8")
