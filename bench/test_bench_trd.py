@@ -30,12 +30,12 @@ def test_fwd_bwd_speed(benchmark, backend, mode):
 def test_harness_writes_checked_rows(tmp_path):
     out, picture = tmp_path / "rows.json", tmp_path / "plot.png"
     bench_trd.main(["--device", "cpu", "--sweep", "256", "512", "--impls", "torch", "naive", "compiled",
-                    "--modes", "full", "spatial", "--repeats", "3", "--json", str(out), "--plot", str(picture)])
-    rows = json.loads(out.read_text())
+                    "--modes", "full", "spatial", "--min-samples", "3", "--json", str(out), "--plot", str(picture)])
+    rows = bench_trd.trd_rows(json.loads(out.read_text()))
     assert len(rows) == 2 * 2 * 3 * 2  # sizes × modes × impls × passes
     for row in rows:
         assert {"impl", "pass", "mode", "B", "N", "Ds", "Dt", "dtype", "ms", "ms_p20", "ms_p80", "peak_mib",
-                "tflops", "device", "torch", "commit", "date"} <= row.keys()
+                "tflops", "kernel_ms", "active_share", "device", "torch", "commit", "date"} <= row.keys()
         assert row["ms_p20"] <= row["ms"] <= row["ms_p80"]
         assert row["max_rel_err"] < 1e-4
     by_key = {(r["impl"], r["pass"], r["mode"], r["N"]): r for r in rows}
@@ -46,13 +46,14 @@ def test_harness_writes_checked_rows(tmp_path):
 
 def test_harness_runs_in_pieces_and_merges_them(tmp_path, capsys):
     pieces = [tmp_path / "a.json", tmp_path / "b.json"]
-    common = ["--device", "cpu", "--impls", "torch", "--modes", "full", "--passes", "fwd", "--repeats", "1"]
-    bench_trd.main(common + ["--shapes", "sweep-512-d64", "--json", str(pieces[0])])
+    common = ["--device", "cpu", "--impls", "torch", "--modes", "full", "--passes", "fwd", "--min-samples", "1",
+              "--profile-calls", "0"]
+    bench_trd.main(common + ["--shapes", "sweep-512-d128", "--json", str(pieces[0])])
     bench_trd.main(common + ["--sweep", "256", "--json", str(pieces[1])])
     merged = tmp_path / "merged.json"
     bench_trd.main(["--from-json", *map(str, pieces), "--json", str(merged)])
-    rows = json.loads(merged.read_text())
-    assert [(r["shape"], r["N"], r["Ds"]) for r in rows] == [("sweep-512-d64", 512, 64), ("sweep-256", 256, 768)]
+    rows = bench_trd.trd_rows(json.loads(merged.read_text()))
+    assert [(r["shape"], r["N"], r["Ds"]) for r in rows] == [("sweep-512-d128", 512, 128), ("sweep-256", 256, 768)]
     with pytest.raises(SystemExit):
         bench_trd.main(["--device", "cpu", "--shapes", "paper"])  # a GPU shape: the CPU set names paper-b1
     assert "paper-b1" in capsys.readouterr().err
