@@ -1,12 +1,18 @@
-"""Quick regression benchmarks (pytest-benchmark, CPU) and a smoke run of the bench_trd.py harness."""
+"""Quick regression benchmarks (pytest-benchmark, CPU) and smoke runs of the bench_trd.py harness and the launch
+configuration sweep."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import bench_trd
 from videorepa.kernels import trd_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("mode", ["full", "spatial", "temporal"])
@@ -72,3 +78,20 @@ def test_train_step_harness_runs_the_tiny_model(tmp_path):
         assert row["ms"] > 0 and row["peak_mib"] > 0 and row["loss_trd"] > 0
     # Same random model and inputs for both backends: the same TRD loss.
     assert abs(rows[0]["loss_trd"] - rows[1]["loss_trd"]) < 1e-5
+
+
+def test_config_sweep_times_every_candidate(tmp_path):
+    # The sweep is meant for a GPU; through Triton's interpreter it checks that every candidate launches and is
+    # recorded with its configs (the interpreter's timings mean nothing).
+    out = tmp_path / "sweep.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "bench/sweep_configs.py", "--device", "cpu", "--shapes", "tiny",
+                           "--schedules", "fused", "--dtype", "fp32", "--min-samples", "1", "--sample-ms", "0",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    from videorepa.kernels import triton_fused
+
+    assert [row["configs"]["fused"] for row in rows] == [c.launch_kwargs() for c in triton_fused.CANDIDATES["fp32"]]
+    assert all(row["ms"] > 0 and "error" not in row for row in rows)
+    assert "fastest fused" in done.stdout

@@ -203,8 +203,9 @@ def _pass2_kernel(
 
 # Launch configurations by rule (no timing), so every process runs the same tiles and gets the same bits. Chosen
 # from sm_90 compiles (bench/compile_report.py; bench/NOTES.md v4): the first of each list is the default, the
-# others are what `select_configs` falls back to and what a GPU sweep should time. Pass 1 only multiplies in the
-# input dtype (bf16 and fp16 alike); pass 2's float16 weights are float32 (three-TF32), which needs smaller tiles.
+# others are what `select_configs` falls back to and what bench/sweep_configs.py times on a GPU. Pass 1 only
+# multiplies in the input dtype (bf16 and fp16 alike); pass 2's float16 weights are float32 (three-TF32), which
+# needs smaller tiles.
 PASS1_CANDIDATES = {
     "bf16": [LaunchConfig.of(8, 3, BLOCK=128, BLOCK_K=64), LaunchConfig.of(4, 3, BLOCK=64, BLOCK_K=64),
              LaunchConfig.of(8, 4, BLOCK=64, BLOCK_K=64)],

@@ -321,7 +321,7 @@ def _name(config):
 
 @pytest.mark.parametrize("schedule, configs, dtype", _candidate_cases())
 def test_every_launch_candidate_is_correct(schedule, configs, dtype):
-    # bench/bench_trd.py --sweep-configs may time any of these on a GPU and the rule may pick any of them: each
+    # bench/sweep_configs.py may time any of these on a GPU and the rule may pick any of them: each
     # must tile odd shapes correctly with its own warp count and pipeline depth.
     gen = torch.Generator().manual_seed(15)
     student, teacher = torch.randn(1, 150, 70, generator=gen), torch.randn(1, 150, 33, generator=gen)
