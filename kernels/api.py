@@ -13,6 +13,7 @@ from .validation import BACKENDS, SCHEDULES, validate
 # pair map (B·N²/8 bytes) and, per gradient, radial partials of a quarter of that (128-token tiles). At B = 4,
 # N = 3,600 that is 7.1 + 1.8 MB; at B = 1, N = 32,400, 133 + 33 MB.
 TWO_PASS_MAX_BYTES = 2 << 30
+TRITON_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
 
 def _triton_available() -> bool:
@@ -23,12 +24,12 @@ def _triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_backend(backend: str, device: torch.device, *dtypes: torch.dtype) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    if device.type == "cuda" and dtype != torch.float64 and _triton_available():
+    if device.type == "cuda" and set(dtypes) <= TRITON_DTYPES and _triton_available():
         return "triton"
     return "torch"
 
@@ -64,7 +65,7 @@ def trd_loss(
     problem = validate(student, teacher, margin, mode, tokens_per_frame)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    chosen = resolve_backend(backend, problem.student.device, problem.student.dtype)
+    chosen = resolve_backend(backend, problem.student.device, problem.student.dtype, problem.teacher.dtype)
     if chosen == "naive":
         return naive_trd_loss(problem)
     if chosen == "torch":

@@ -52,7 +52,8 @@ class _PrecomputedGradient(torch.autograd.Function):
     @differentiable_once
     def backward(ctx, grad_output):
         grad_student, grad_teacher = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (grad_student, grad_teacher)]
+        # grad_output stays float32: the product is rounded to the gradient's dtype once.
+        scaled = [None if g is None else g * grad_output for g in (grad_student, grad_teacher)]
         return None, scaled[0], scaled[1], None, None
 
 

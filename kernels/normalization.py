@@ -31,7 +31,3 @@ def normalization_backward(
     coef = (x_dot_g * r.pow(3)).masked_fill_(clamped.unsqueeze(-1), 0.0)
     return grad_hat.mul_(r).addcmul_(x, coef, value=-1.0)
 
-
-def radial_factor(inv_norm: torch.Tensor, clamped: torch.Tensor) -> torch.Tensor:
-    """r² where the norm was not clamped, else 0: dL/dx = r·dx̂ − r²(x̂·dx̂)·x (clamped: x̂ = x/eps is linear)."""
-    return (inv_norm * inv_norm).masked_fill_(clamped, 0.0)

@@ -1,6 +1,7 @@
 """Pieces shared by the Triton TRD kernels: dot precision, the Gram tile loop, pair masks, 2-bit pair maps, tile
 indexing and launch configurations (fixed by rule, so the same inputs give the same bits in every process)."""
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -38,6 +39,18 @@ def check_inputs(problem) -> None:
     if not (problem.student.is_cuda or interpreter_enabled()):
         raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device "
                          f"{problem.student.device}; use backend='torch' or 'auto'")
+
+
+def device_of(x: torch.Tensor):
+    """Context that makes x's GPU the current one: Triton launches on the current device, whatever device the
+    tensors are on (a no-op on CPU)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def fitted_block(block: int, dim: int) -> int:
+    """A feature-dimension tile no wider than the features need (D = 20 multiplies 32 columns, not 128); 16 is
+    the narrowest tensor-core operand."""
+    return min(block, max(16, triton.next_power_of_2(dim)))
 
 
 def new_output(shape, device, dtype=torch.float32) -> torch.Tensor:

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (MODE_IDS, LaunchConfig, _gram, _kept_pairs, _relu_excess, _weighted_dot,
-                            check_inputs, dot_precision, interpreter_enabled, dtype_family, new_output, wide_weights)
+                            check_inputs, device_of, dot_precision, dtype_family, fitted_block, interpreter_enabled,
+                            new_output, wide_weights)
 from .validation import TRDProblem
 
 
@@ -136,7 +137,9 @@ def fused_launch(problem: TRDProblem, r_s, r_t, need_s: bool, need_t: bool, conf
             problem.margin, *s.stride(), *t.stride(), gs.stride(0), gs.stride(1), gt.stride(0), gt.stride(1))
     kwargs = dict(MODE=MODE_IDS[problem.mode], GRAD_S=need_s, GRAD_T=need_t, WIDE_S=wide_weights(s.dtype),
                   WIDE_T=wide_weights(t.dtype), PRECISION_S=dot_precision(s.dtype),
-                  PRECISION_T=dot_precision(t.dtype), **config.launch_kwargs())
+                  PRECISION_T=dot_precision(t.dtype),
+                  **{**config.launch_kwargs(), "BLOCK_K": fitted_block(config["BLOCK_K"], max(s.shape[2], t.shape[2])),
+                     "BLOCK_D": fitted_block(config["BLOCK_D"], max(s.shape[2], t.shape[2]))})
     grid = (triton.cdiv(tokens, config["BLOCK_M"]), batch)
     return _fused_kernel, grid, args, kwargs, (loss_rows, grad_s, grad_t)
 
@@ -147,5 +150,6 @@ def fused_engine(problem: TRDProblem, norms_s, norms_t, need_s: bool, need_t: bo
     check_inputs(problem)
     kernel, grid, args, kwargs, (loss_rows, grad_s, grad_t) = fused_launch(
         problem, norms_s[0], norms_t[0], need_s, need_t, config or select_config(problem))
-    kernel[grid](*args, **kwargs)
+    with device_of(problem.student):
+        kernel[grid](*args, **kwargs)
     return loss_rows.sum(dim=1, dtype=torch.float64), grad_s, grad_t

@@ -15,16 +15,39 @@ gradient in the input dtype once. The map costs B·N²/8 bytes; nothing N×N is 
 Spatial mode visits only the band of tiles that share a frame; temporal mode masks same-frame pairs.
 """
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-from .fused import differentiable_once, gradient_scale
-from .normalization import inverse_norms, radial_factor
+from .fused import differentiable_once
+from .normalization import EPS
 from .triton_common import (MODE_IDS, LaunchConfig, _band, _gram, _kept_pairs, _pack_bits, _relu_excess,
-                            _tile_index, _unpack_bits, _weighted_dot, check_inputs, dot_precision,
-                            interpreter_enabled, dtype_family, new_output, wide_weights)
+                            _tile_index, _unpack_bits, _weighted_dot, check_inputs, device_of, dot_precision,
+                            dtype_family, fitted_block, interpreter_enabled, new_output, wide_weights)
 from .validation import TRDProblem
+
+
+@triton.jit
+def _norms_kernel(X, R, Q, ROWS, N, D, stride_b, stride_n, stride_d, eps,
+                  BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per token, in one read: r = 1/max(‖x‖, eps) and the radial factor q = r² (0 where the norm was clamped,
+    where x̂ = x/eps is linear in x), float32. A NaN token keeps a NaN norm, as torch's."""
+    index = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    ok = index < ROWS
+    base = X + (index // N).to(tl.int64) * stride_b + (index % N) * stride_n
+    sum_sq = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(base[:, None] + ds[None, :] * stride_d, mask=ok[:, None] & (ds < D)[None, :], other=0.0)
+        x = x.to(tl.float32)
+        sum_sq += tl.sum(x * x, axis=1)
+    norm = tl.sqrt(sum_sq)
+    clamped = norm <= eps
+    r = 1.0 / tl.where(clamped, eps, norm)
+    tl.store(R + index, r, mask=ok)
+    tl.store(Q + index, tl.where(clamped, 0.0, r * r), mask=ok)
 
 
 @triton.jit
@@ -159,7 +182,7 @@ def _add_columns(acc, MAP, b, NTILES, slot, X, R, N, col_block, ds, d_ok, x_stri
 
 @triton.jit
 def _pass2_kernel(
-    X, R, Q, MAP, CPART, COEF, OUT,
+    X, R, Q, MAP, CPART, CLIP_SUMS, GRAD_OUT, OUT, scale,
     N, D, FRAME, NB, NBAND, NTILES,
     x_stride_b, x_stride_n, x_stride_d, out_stride_b, out_stride_n,
     MODE: tl.constexpr, WHO: tl.constexpr, NWHO: tl.constexpr, WIDE: tl.constexpr,
@@ -196,7 +219,10 @@ def _pass2_kernel(
     q = tl.load(Q + b * N + rows, mask=row_ok, other=0.0)
     mask = row_ok[:, None] & d_ok[None, :]
     x = tl.load(X + b * x_stride_b + rows[:, None] * x_stride_n + ds[None, :] * x_stride_d, mask=mask, other=0.0)
-    grad = tl.load(COEF + b) * (r[:, None] * acc - (q * radial)[:, None] * x.to(tl.float32))
+    # scale = ±2/P: the pair (i, j) and its mirror (j, i) both hold x̂_i, and Δ = Ŝ − T̂ flips the teacher's sign.
+    # Adding 0·(the clip's loss sum) makes the gradient of a clip whose loss is NaN all NaN, as PyTorch's formula.
+    coef = tl.load(GRAD_OUT).to(tl.float32) * scale + 0.0 * tl.load(CLIP_SUMS + b).to(tl.float32)
+    grad = coef * (r[:, None] * acc - (q * radial)[:, None] * x.to(tl.float32))
     tl.store(OUT + b * out_stride_b + rows[:, None] * out_stride_n + ds[None, :],
              grad.to(OUT.dtype.element_ty), mask=mask)
 
@@ -283,22 +309,36 @@ def pass1_launch(problem, r_s, r_t, need_s: bool, need_t: bool, configs):
             problem.tokens_per_frame, blocks, band, tiles, problem.margin, *s.stride(), *t.stride())
     kwargs = dict(MODE=MODE_IDS[problem.mode], WRITE_MAP=write_map, C_S=need_s, C_T=need_t, NWHO=max(nwho, 1),
                   WIDE_S=wide_weights(s.dtype), WIDE_T=wide_weights(t.dtype), GROUP=group,
-                  PRECISION_S=dot_precision(s.dtype), PRECISION_T=dot_precision(t.dtype), **pass1.launch_kwargs())
+                  PRECISION_S=dot_precision(s.dtype), PRECISION_T=dot_precision(t.dtype),
+                  **{**pass1.launch_kwargs(), "BLOCK_K": fitted_block(pass1["BLOCK_K"], max(s.shape[2], t.shape[2]))})
     return _pass1_kernel, (programs, problem.batch), args, kwargs, (loss_part, pair_map, radial)
 
 
-def pass2_launch(problem, x, r, clamped, pair_map, radial, coef, who: int, nwho: int, configs):
-    """(kernel, grid, args, kwargs, gradient) of pass 2 for input x (the student's or the teacher's)."""
+def pass2_launch(problem, x, r, q, pair_map, radial, clip_sums, grad_output, sign: float, who: int, nwho: int,
+                 configs):
+    """(kernel, grid, args, kwargs, gradient) of pass 2 for input x (the student's, sign 1, or the teacher's, −1)."""
     pass1, pass2, _ = configs
     block = pass1["BLOCK"]
     blocks, band, tiles = tile_grid(problem, block)
     out = new_output(x.shape, x.device, x.dtype)
-    grid = (blocks, triton.cdiv(x.shape[2], pass2["BLOCK_D"]), problem.batch)
-    args = (x, r, radial_factor(r, clamped), pair_map, radial, coef, out, problem.tokens, x.shape[2],
-            problem.tokens_per_frame, blocks, band, tiles, *x.stride(), out.stride(0), out.stride(1))
+    block_d = fitted_block(pass2["BLOCK_D"], x.shape[2])
+    grid = (blocks, triton.cdiv(x.shape[2], block_d), problem.batch)
+    args = (x, r, q, pair_map, radial, clip_sums, grad_output, out, sign * 2.0 / problem.num_pairs, problem.tokens,
+            x.shape[2], problem.tokens_per_frame, blocks, band, tiles, *x.stride(), out.stride(0), out.stride(1))
     kwargs = dict(MODE=MODE_IDS[problem.mode], WHO=who, NWHO=nwho, WIDE=wide_weights(x.dtype), BLOCK=block,
-                  PRECISION=dot_precision(x.dtype), **pass2.launch_kwargs())
+                  PRECISION=dot_precision(x.dtype), **{**pass2.launch_kwargs(), "BLOCK_D": block_d})
     return _pass2_kernel, grid, args, kwargs, out
+
+
+def norms_launch(x):
+    """(kernel, grid, args, kwargs, (r, q)) of the inverse-norm pre-pass for x (B, N, D)."""
+    batch, tokens, dim = x.shape
+    r = new_output((batch, tokens), x.device)
+    q = new_output((batch, tokens), x.device)
+    rows = batch * tokens
+    args = (x, r, q, rows, tokens, dim, *x.stride(), EPS)
+    kwargs = dict(BLOCK_ROWS=16, BLOCK_D=fitted_block(128, dim), num_warps=4)
+    return _norms_kernel, (triton.cdiv(rows, 16),), args, kwargs, (r, q)
 
 
 def launch(kernel, grid, args, kwargs, outputs):
@@ -316,12 +356,14 @@ class _TwoPassTRD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, problem, need_s, need_t, configs):
-        (r_s, clamped_s), (r_t, clamped_t) = inverse_norms(student), inverse_norms(teacher)
+        (r_s, q_s), (r_t, q_t) = launch(*norms_launch(student)), launch(*norms_launch(teacher))
         loss_part, pair_map, radial = launch(*pass1_launch(problem, r_s, r_t, need_s, need_t, configs))
         clip_sums = clip_sum(loss_part)
-        ctx.problem, ctx.configs, ctx.need = problem, configs, (need_s, need_t)
-        saved_s = (student, r_s, clamped_s) if need_s else (None,) * 3
-        saved_t = (teacher, r_t, clamped_t) if need_t else (None,) * 3
+        # Shapes only: the inputs themselves are saved below, and only those that get a gradient.
+        ctx.problem = dataclasses.replace(problem, student=student.to("meta"), teacher=teacher.to("meta"))
+        ctx.configs, ctx.need = configs, (need_s, need_t)
+        saved_s = (student, r_s, q_s) if need_s else (None,) * 3
+        saved_t = (teacher, r_t, q_t) if need_t else (None,) * 3
         ctx.save_for_backward(clip_sums, pair_map, radial, *saved_s, *saved_t)
         return (clip_sums.sum() / problem.num_pairs).float()
 
@@ -330,14 +372,15 @@ class _TwoPassTRD(torch.autograd.Function):
     def backward(ctx, grad_output):
         clip_sums, pair_map, radial, *inputs = ctx.saved_tensors
         need_s, need_t = ctx.need
-        coef = (gradient_scale(clip_sums, ctx.problem.num_pairs) * grad_output.double()).float()
         nwho = int(need_s) + int(need_t)
         grad_s = grad_t = None
-        if need_s:
-            grad_s = launch(*pass2_launch(ctx.problem, *inputs[:3], pair_map, radial, coef, 0, nwho, ctx.configs))
-        if need_t:
-            grad_t = launch(*pass2_launch(ctx.problem, *inputs[3:], pair_map, radial, -coef, nwho - 1, nwho,
-                                          ctx.configs))
+        with device_of(pair_map):
+            if need_s:
+                grad_s = launch(*pass2_launch(ctx.problem, *inputs[:3], pair_map, radial, clip_sums, grad_output,
+                                              1.0, 0, nwho, ctx.configs))
+            if need_t:
+                grad_t = launch(*pass2_launch(ctx.problem, *inputs[3:], pair_map, radial, clip_sums, grad_output,
+                                              -1.0, nwho - 1, nwho, ctx.configs))
         return grad_s, grad_t, None, None, None, None
 
 
@@ -348,10 +391,10 @@ def two_pass_trd_loss(problem: TRDProblem, configs=None) -> torch.Tensor:
     need_t = torch.is_grad_enabled() and t.requires_grad
     configs = configs or select_configs(problem, need_s, need_t)
     # Autocast off: the kernels take the inputs in the dtypes they arrive in, whatever the step's autocast says.
-    with torch.autocast(s.device.type, enabled=False):
+    with torch.autocast(s.device.type, enabled=False), device_of(s):
         if not (need_s or need_t):
             with torch.no_grad():
-                launched = pass1_launch(problem, inverse_norms(s)[0], inverse_norms(t)[0], False, False, configs)
-                clip_sums = clip_sum(launch(*launched)[0])
+                r_s, r_t = launch(*norms_launch(s))[0], launch(*norms_launch(t))[0]
+                clip_sums = clip_sum(launch(*pass1_launch(problem, r_s, r_t, False, False, configs))[0])
             return (clip_sums.sum() / problem.num_pairs).float()
         return _TwoPassTRD.apply(s, t, problem, need_s, need_t, configs)

@@ -48,6 +48,18 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         trd_loss(S, T, backend="triton")
 
 
+def test_auto_backend_looks_at_both_dtypes():
+    # On CUDA the Triton kernels take float32/bfloat16/float16; a float64 teacher (or student) goes to the blockwise
+    # engine instead of failing inside the Triton backend's dtype check.
+    from videorepa.kernels.api import resolve_backend
+
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda, torch.bfloat16, torch.float64) == "torch"
+    assert resolve_backend("auto", cuda, torch.float64, torch.float32) == "torch"
+    assert resolve_backend("auto", cuda, torch.bfloat16, torch.float32) == "triton"
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16, torch.bfloat16) == "torch"
+
+
 def test_auto_uses_blockwise_torch_on_cpu_and_float64_works():
     s, t = S.double().requires_grad_(), T.double()
     loss = trd_loss(s, t, backend="auto")

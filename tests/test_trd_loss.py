@@ -2,7 +2,9 @@
 and the edges (NaN, zero and tiny-norm tokens)."""
 
 import functools
+import gc
 import os
+import weakref
 import zlib
 
 import pytest
@@ -402,6 +404,52 @@ def test_retain_graph_then_second_backward_and_no_double_backward(backend):
                                   create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable once"):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_input_without_gradient_is_not_kept_for_backward(backend):
+    # Only what backward needs survives forward: with the teacher alone getting a gradient, the student's memory is
+    # free before backward runs (a trainer may hold many such losses at once, e.g. under gradient accumulation).
+    gen = torch.Generator().manual_seed(23)
+    student = torch.randn(2, 40, 10, generator=gen).to(DEVICE)
+    teacher = torch.randn(2, 40, 6, generator=gen).to(DEVICE).requires_grad_()
+    loss = trd_loss(student, teacher, backend=backend[0], schedule=backend[1])
+    alive = weakref.ref(student)
+    del student
+    gc.collect()
+    assert alive() is None
+    loss.backward()
+    assert teacher.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:3])
+def test_grad_output_is_applied_in_float32(backend):
+    # The gradient kept from forward (bf16 here) is scaled by grad_output once, in float32: rounding grad_output to
+    # bf16 first (0.3 -> 0.30078125) would bias every step by 0.26 %.
+    gen = torch.Generator().manual_seed(24)
+    student = torch.randn(2, 40, 10, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+    teacher = torch.randn(2, 40, 6, generator=gen).to(DEVICE, torch.bfloat16)
+    (once,) = torch.autograd.grad(trd_loss(student, teacher, backend=backend[0], schedule=backend[1]), student)
+    (scaled,) = torch.autograd.grad(0.3 * trd_loss(student, teacher, backend=backend[0], schedule=backend[1]),
+                                    student)
+    assert torch.equal(scaled, (once.float() * 0.3).to(torch.bfloat16))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda" or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_inputs_on_a_gpu_other_than_the_current_one(backend):
+    # Triton launches on the current device: the kernels must switch to the inputs' GPU.
+    gen = torch.Generator().manual_seed(26)
+    student, teacher = torch.randn(2, 70, 24, generator=gen), torch.randn(2, 70, 16, generator=gen)
+    with torch.cuda.device(0):
+        s = student.to("cuda:1").requires_grad_()
+        loss = trd_loss(s, teacher.to("cuda:1"), backend=backend[0], schedule=backend[1])
+        loss.backward()
+    s_ref = student.clone().requires_grad_()
+    ref = reference_trd(s_ref, teacher, 0.1)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-4 * ref.item()
+    assert relative_error(s.grad.cpu(), s_ref.grad) <= 1e-4
 
 
 def test_module_wrapper_matches_function():
