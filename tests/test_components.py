@@ -11,7 +11,8 @@ pytest.importorskip("transformers")
 
 from videorepa.alignment import TokenAligner  # noqa: E402
 from videorepa.attention import attention_kernel, resolve_attention  # noqa: E402
-from videorepa.data import BatchOrder, VideoCaptionDataset, sample_frames  # noqa: E402
+from videorepa.data import (BatchOrder, VideoCaptionDataset, center_crop_box, frame_indices,  # noqa: E402
+                            sample_frames)
 from videorepa.synthetic import make_clip, write_dataset  # noqa: E402
 from videorepa.teachers import convert_videomaev2_state_dict, fit_position_table, load_teacher  # noqa: E402
 from videorepa.video_io import read_video, write_video  # noqa: E402
@@ -269,13 +270,55 @@ def test_video_round_trip_and_loader(tmp_path):
     assert os.path.isabs(data.rows[0][0])
 
 
-def test_sample_frames_crops_to_aspect_and_rejects_short_clips():
-    frames = np.zeros((20, 100, 100, 3), np.uint8)
-    frames[:, 40:60] = 255  # a bright band in the middle rows, kept by the 2:3 center crop
-    video = sample_frames(frames, 5, 32, 48)
-    assert video.shape == (5, 3, 32, 48) and video.max() == 1.0
-    with pytest.raises(Exception, match="fewer than the 21 needed"):
-        sample_frames(frames, 21, 32, 48)
+def test_frame_indices_are_the_official_stride_from_frame_0():
+    # official: finetune/datasets/utils.py, preprocess_video_with_resize_with_frame_idxs: stride ⌊frames/49⌋ from
+    # frame 0, the first 49 kept; a shorter clip repeats its last frame.
+    assert frame_indices(49, 49) == list(range(49))
+    assert frame_indices(97, 49) == list(range(49))  # stride 1: the first 49 frames, not spread over the clip
+    assert frame_indices(121, 49) == [2 * i for i in range(49)]  # stride 2: frames 0..96 of 0..120
+    assert frame_indices(150, 49) == [3 * i for i in range(49)]
+    assert frame_indices(200, 9) == [22 * i for i in range(9)]
+    assert frame_indices(30, 49) == list(range(30)) + [29] * 19
+    assert frame_indices(1, 5) == [0] * 5
+
+
+def test_center_crop_box_rounds_as_the_official_transform():
+    # official: finetune/datasets/data_transform.py, center_crop_th_tw: sizes truncated, offsets rounded half to even
+    assert center_crop_box(720, 1280, 480, 720) == (0, 100, 720, 1080)
+    assert center_crop_box(1000, 1000, 480, 720) == (167, 0, 666, 1000)
+    assert center_crop_box(483, 720, 480, 720) == (2, 0, 480, 720)
+    assert center_crop_box(485, 720, 480, 720) == (2, 0, 480, 720)
+    assert center_crop_box(480, 720, 480, 720) == (0, 0, 480, 720)
+
+
+def official_frames(frames: np.ndarray, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """The official loader's pixels, transcribed: stride sampling (finetune/datasets/utils.py), then
+    CenterCropResizeVideo and x / 255 * 2 - 1 (finetune/datasets/data_transform.py, t2v_dataset.py)."""
+    n = len(frames)
+    if n < num_frames:
+        index = list(range(n)) + [n - 1] * (num_frames - n)
+    else:
+        index = list(range(0, n, n // num_frames))[:num_frames]
+    clip = torch.from_numpy(frames[index]).float().permute(0, 3, 1, 2)
+    h, w = clip.shape[-2:]
+    tr = height / width
+    new_h, new_w = (int(w * tr), w) if h / w > tr else (h, int(h / tr))
+    i, j = int(round((h - new_h) / 2.0)), int(round((w - new_w) / 2.0))
+    clip = clip[..., i:i + new_h, j:j + new_w]
+    clip = F.interpolate(clip, size=(height, width), mode="bilinear", align_corners=True, antialias=True)
+    return clip / 255.0 * 2.0 - 1.0
+
+
+@pytest.mark.parametrize("shape, num_frames", [((60, 37, 53, 3), 9), ((20, 50, 75, 3), 5), ((3, 70, 40, 3), 5)])
+def test_sample_frames_gives_the_official_loaders_pixels(shape, num_frames):
+    frames = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    video = sample_frames(frames, num_frames, 32, 48)
+    assert video.shape == (num_frames, 3, 32, 48)
+    torch.testing.assert_close(video, official_frames(frames, num_frames, 32, 48), rtol=0, atol=0)
+    # Frames whose value is their index show which were kept.
+    numbered = np.broadcast_to(np.arange(shape[0], dtype=np.uint8)[:, None, None, None], shape).copy()
+    kept = ((sample_frames(numbered, num_frames, 32, 48) + 1) / 2 * 255).round().amax(dim=(1, 2, 3))
+    assert kept.int().tolist() == frame_indices(shape[0], num_frames)
 
 
 def test_batch_order_resumes_exactly():
