@@ -421,7 +421,7 @@ def main(argv=None):
         log.info("%d epochs of %d batches per process: %d optimizer steps", args.num_epochs,
                  order.batches_per_epoch, args.max_steps)
     schedule = lr_schedule(optimizer, args.lr_scheduler, args.warmup_steps, args.max_steps)
-    generator = torch.Generator().manual_seed(args.seed * 1000 + rank)  # noise, timesteps and latent samples
+    generator = torch.Generator().manual_seed(args.seed * 1000 + rank)  # diffusion noise and timesteps
 
     step, position, skipped = 0, (0, 0), {}
     resume = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
@@ -443,7 +443,7 @@ def main(argv=None):
         writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
     from tqdm import tqdm
 
-    from videorepa.diffusion import rotary_embeddings, sample_latents
+    from videorepa.diffusion import latent_seed, rotary_embeddings, sample_latents
 
     progress = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     cached = args.cache_dir is not None
@@ -459,7 +459,7 @@ def main(argv=None):
             else:
                 latent_dist, embeds, teacher_tokens = encode_inputs(pipe, teacher, batch["video"].to(device),
                                                                     batch["caption"], device)
-            latents = sample_latents(pipe.vae, latent_dist, generator)
+            latents = sample_latents(pipe.vae, latent_dist, [latent_seed(args.seed, i) for i in batch["index"]])
             sync = contextlib.nullcontext() if micro == args.gradient_accumulation_steps - 1 \
                 else no_gradient_sync(trained, parallel)
             with sync:

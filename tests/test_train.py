@@ -202,6 +202,35 @@ def test_readme_commands_train_the_paper_runs(tmp_path):
                     "cogvideox-5b": (128, 64, 1e-4, 1, 4, "warmup-decay", 2, 18, 42)}
 
 
+def test_each_clip_keeps_one_latent_sample_across_epochs(tmp_path, clips, monkeypatch):
+    # official: the cache holds one `latent_dist.sample()` per clip (finetune/datasets/t2v_dataset.py), reused by
+    # every epoch.
+    import videorepa.training as training
+
+    batches, latents = [], []
+    real_batch, real_loss = train.next_usable_batch, training.diffusion_loss
+
+    def record_batch(*a, **k):
+        batches.append(real_batch(*a, **k))
+        return batches[-1]
+
+    def record_latents(transformer, scheduler, x, *a, **k):
+        latents.append(x.detach().clone())
+        return real_loss(transformer, scheduler, x, *a, **k)
+
+    monkeypatch.setattr(train, "next_usable_batch", record_batch)
+    monkeypatch.setattr(training, "diffusion_loss", record_latents)
+    run_train(tmp_path, "--num-epochs", "2", "--batch-size", "4", "--checkpoint-every", "100", data=clips)
+    seen = {}
+    for batch, x in zip(batches, latents):
+        for clip, latent in zip(batch["index"], x):
+            seen.setdefault(clip, []).append(latent)
+    assert sorted(seen) == list(range(8)) and all(len(v) == 2 for v in seen.values())
+    for first, second in seen.values():
+        assert torch.equal(first, second)
+    assert not torch.equal(seen[0][0], seen[1][0])
+
+
 def test_num_epochs_sets_the_run_length_from_the_data(tmp_path, clips):
     # 8 clips, batch 2: 4 batches per epoch; 2 epochs with 2 batches per optimizer step: 4 steps.
     run_train(tmp_path, "--num-epochs", "2", "--gradient-accumulation-steps", "2", "--checkpoint-every", "100",
