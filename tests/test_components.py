@@ -395,6 +395,48 @@ def test_training_step_with_rotary_positions_as_cogvideox_5b():
     assert out["loss_align"] > 0 and pipe.transformer.transformer_blocks[0].attn1.to_q.weight.grad is not None
 
 
+def test_diffusion_loss_is_the_official_objective():
+    # official: finetune/models/cogvideox_t2v_align/lora_trainer.py, compute_loss: t uniform in [0, 1000), noise
+    # added by the scheduler, v turned into x0 by get_velocity, squared error weighted 1/(1 − ᾱ_t), per-clip mean.
+    from videorepa.diffusion import diffusion_loss
+    from videorepa.models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    scheduler, transformer = pipe.scheduler, pipe.transformer
+    latents, embeds = torch.randn(3, 3, 4, 8, 12), torch.randn(3, 128, 32)
+    with torch.no_grad():
+        ours = diffusion_loss(transformer, scheduler, latents, embeds, generator=torch.Generator().manual_seed(5))
+        gen = torch.Generator().manual_seed(5)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (3,), generator=gen).long()
+        noise = torch.randn(latents.shape, generator=gen)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        predicted = transformer(hidden_states=noisy, encoder_hidden_states=embeds, timestep=timesteps,
+                                return_dict=False)[0]
+        latent_pred = scheduler.get_velocity(predicted, noisy, timesteps)
+        weights = (1 / (1 - scheduler.alphas_cumprod[timesteps])).view(3, 1, 1, 1, 1)
+        official = torch.mean((weights * (latent_pred - latents) ** 2).reshape(3, -1), dim=1).mean()
+    torch.testing.assert_close(ours, official)
+
+
+def test_latents_take_the_models_scaling_factor_as_the_official_5b_rescale():
+    # official: finetune/datasets/t2v_dataset.py: the 5B run reads latents cached with CogVideoX-2b's VAE (scaling
+    # factor 1.15258426) as `encoded_video / 1.15258426 * 0.7`; CogVideoX-5b's VAE is the same with factor 0.7.
+    from types import SimpleNamespace
+
+    from videorepa.diffusion import latent_seed, sample_latents
+
+    def vae(factor):
+        return SimpleNamespace(config=SimpleNamespace(scaling_factor=factor))
+
+    parameters = torch.randn(2, 8, 3, 4, 6)  # (B, 2C, F', H', W'): mean and log-variance
+    seeds = [latent_seed(0, 4), latent_seed(0, 7)]
+    cached_2b = sample_latents(vae(1.15258426), parameters, seeds)
+    torch.testing.assert_close(sample_latents(vae(0.7), parameters, seeds), cached_2b / 1.15258426 * 0.7)
+    # A clip's sample depends on its seed only, not on its place in the batch.
+    swapped = sample_latents(vae(0.7), parameters.flip(0), seeds[::-1])
+    assert torch.equal(swapped.flip(0), sample_latents(vae(0.7), parameters, seeds))
+
+
 def test_atomic_path_leaves_old_file_on_failure(tmp_path):
     from videorepa.files import atomic_path
 
