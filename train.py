@@ -33,7 +33,7 @@ from videorepa.teachers import TEACHERS
 from videorepa.training import ALIGN_LOSSES
 
 log = logging.getLogger("train")
-LR_SCHEDULES = ("constant", "linear", "cosine")
+LR_SCHEDULES = ("constant", "linear", "cosine", "warmup-decay")
 
 
 def parse_args(argv=None):
@@ -70,9 +70,10 @@ def parse_args(argv=None):
     g.add_argument("--lora-alpha", type=float, help="LoRA scale numerator, scale α/r (cogvideox-5b: 64 at its rank "
                    "128, else the rank)")
     g.add_argument("--learning-rate", type=float, help="peak learning rate (full: 2e-6, LoRA: 1e-4; tiny: 1e-3)")
-    g.add_argument("--lr-scheduler", choices=LR_SCHEDULES, help="after the linear warm-up: hold (constant) or decay "
-                   "to 0 at the last step (linear, cosine); paper: linear (tiny: constant)")
-    g.add_argument("--warmup-steps", type=int, help="optimizer steps of linear warm-up from 0 (paper: 2, tiny: 0)")
+    g.add_argument("--lr-scheduler", choices=LR_SCHEDULES, help="after a linear warm-up: hold (constant) or decay "
+                   "to 0 at the last step (linear, cosine); warmup-decay: the paper's, DeepSpeed's WarmupDecayLR "
+                   "(0 at the first step, log-shaped warm-up over max(2, W) steps, linear decay) (tiny: constant)")
+    g.add_argument("--warmup-steps", type=int, help="warm-up length W in optimizer steps (paper: 2, tiny: 0)")
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--batch-size", type=int, help="clips per process per micro-batch (paper: 4, tiny: 2)")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
@@ -145,14 +146,35 @@ def apply_recipe_defaults(args, cfg) -> None:
 
 
 def lr_schedule(optimizer, name: str, warmup_steps: int, total_steps: int):
-    """Linear warm-up from 0 over `warmup_steps`, then constant, or a linear or cosine decay reaching 0 after
-    `total_steps` (diffusers' schedules; one step() per optimizer step)."""
+    """One step() per optimizer step. constant, linear, cosine: diffusers' schedules, a linear warm-up from 0 over
+    `warmup_steps`, then hold, or decay to 0 after `total_steps`. warmup-decay: DeepSpeed's WarmupDecayLR."""
     from diffusers.optimization import get_scheduler
 
     if name not in LR_SCHEDULES:
         raise ValueError(f"--lr-scheduler must be one of {LR_SCHEDULES}, got {name!r}")
+    if name == "warmup-decay":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(warmup_steps, total_steps))
     return get_scheduler("constant_with_warmup" if name == "constant" else name, optimizer,
                          num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def warmup_decay(warmup_steps: int, total_steps: int):
+    """The learning-rate factor of optimizer step s + 1 under DeepSpeed's WarmupDecayLR (warmup_min_lr 0, log warm-up
+    as the paper's run): 0 before its first step() (s = 0), log(s)/log(W) for 1 <= s <= W with W = max(2,
+    warmup_steps), then (T − s + 1)/(T − W), so the last step (s = T − 1) runs at 2/(T − W) of the peak.
+    official: deepspeed==0.16.3 deepspeed/runtime/lr_schedules.py, WarmupLR.__init__/get_lr and
+    WarmupDecayLR._get_gamma, called once per optimizer step by the engine (runtime/engine.py, _take_model_step).
+    """
+    warmup = max(2, warmup_steps)
+
+    def factor(s: int) -> float:
+        if s == 0:  # WarmupLR starts at warmup_min_lr before its first step()
+            return 0.0
+        if s <= warmup:  # DeepSpeed's iteration s − 1 < W
+            return math.log(s) / math.log(warmup)
+        return max(0.0, (total_steps - s + 1) / max(1.0, total_steps - warmup))
+
+    return factor
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -399,7 +421,7 @@ def main(argv=None):
         log.info("%d epochs of %d batches per process: %d optimizer steps", args.num_epochs,
                  order.batches_per_epoch, args.max_steps)
     schedule = lr_schedule(optimizer, args.lr_scheduler, args.warmup_steps, args.max_steps)
-    generator = torch.Generator().manual_seed(args.seed * 1000 + rank)  # noise, timesteps and latent samples
+    generator = torch.Generator().manual_seed(args.seed * 1000 + rank)  # diffusion noise and timesteps
 
     step, position, skipped = 0, (0, 0), {}
     resume = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
@@ -421,7 +443,7 @@ def main(argv=None):
         writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
     from tqdm import tqdm
 
-    from videorepa.diffusion import rotary_embeddings, sample_latents
+    from videorepa.diffusion import latent_seed, rotary_embeddings, sample_latents
 
     progress = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     cached = args.cache_dir is not None
@@ -437,7 +459,7 @@ def main(argv=None):
             else:
                 latent_dist, embeds, teacher_tokens = encode_inputs(pipe, teacher, batch["video"].to(device),
                                                                     batch["caption"], device)
-            latents = sample_latents(pipe.vae, latent_dist, generator)
+            latents = sample_latents(pipe.vae, latent_dist, [latent_seed(args.seed, i) for i in batch["index"]])
             sync = contextlib.nullcontext() if micro == args.gradient_accumulation_steps - 1 \
                 else no_gradient_sync(trained, parallel)
             with sync:

@@ -11,7 +11,8 @@ pytest.importorskip("transformers")
 
 from videorepa.alignment import TokenAligner  # noqa: E402
 from videorepa.attention import attention_kernel, resolve_attention  # noqa: E402
-from videorepa.data import BatchOrder, VideoCaptionDataset, sample_frames  # noqa: E402
+from videorepa.data import (BatchOrder, VideoCaptionDataset, center_crop_box, frame_indices,  # noqa: E402
+                            sample_frames)
 from videorepa.synthetic import make_clip, write_dataset  # noqa: E402
 from videorepa.teachers import convert_videomaev2_state_dict, fit_position_table, load_teacher  # noqa: E402
 from videorepa.video_io import read_video, write_video  # noqa: E402
@@ -269,13 +270,55 @@ def test_video_round_trip_and_loader(tmp_path):
     assert os.path.isabs(data.rows[0][0])
 
 
-def test_sample_frames_crops_to_aspect_and_rejects_short_clips():
-    frames = np.zeros((20, 100, 100, 3), np.uint8)
-    frames[:, 40:60] = 255  # a bright band in the middle rows, kept by the 2:3 center crop
-    video = sample_frames(frames, 5, 32, 48)
-    assert video.shape == (5, 3, 32, 48) and video.max() == 1.0
-    with pytest.raises(Exception, match="fewer than the 21 needed"):
-        sample_frames(frames, 21, 32, 48)
+def test_frame_indices_are_the_official_stride_from_frame_0():
+    # official: finetune/datasets/utils.py, preprocess_video_with_resize_with_frame_idxs: stride ⌊frames/49⌋ from
+    # frame 0, the first 49 kept; a shorter clip repeats its last frame.
+    assert frame_indices(49, 49) == list(range(49))
+    assert frame_indices(97, 49) == list(range(49))  # stride 1: the first 49 frames, not spread over the clip
+    assert frame_indices(121, 49) == [2 * i for i in range(49)]  # stride 2: frames 0..96 of 0..120
+    assert frame_indices(150, 49) == [3 * i for i in range(49)]
+    assert frame_indices(200, 9) == [22 * i for i in range(9)]
+    assert frame_indices(30, 49) == list(range(30)) + [29] * 19
+    assert frame_indices(1, 5) == [0] * 5
+
+
+def test_center_crop_box_rounds_as_the_official_transform():
+    # official: finetune/datasets/data_transform.py, center_crop_th_tw: sizes truncated, offsets rounded half to even
+    assert center_crop_box(720, 1280, 480, 720) == (0, 100, 720, 1080)
+    assert center_crop_box(1000, 1000, 480, 720) == (167, 0, 666, 1000)
+    assert center_crop_box(483, 720, 480, 720) == (2, 0, 480, 720)
+    assert center_crop_box(485, 720, 480, 720) == (2, 0, 480, 720)
+    assert center_crop_box(480, 720, 480, 720) == (0, 0, 480, 720)
+
+
+def official_frames(frames: np.ndarray, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """The official loader's pixels, transcribed: stride sampling (finetune/datasets/utils.py), then
+    CenterCropResizeVideo and x / 255 * 2 - 1 (finetune/datasets/data_transform.py, t2v_dataset.py)."""
+    n = len(frames)
+    if n < num_frames:
+        index = list(range(n)) + [n - 1] * (num_frames - n)
+    else:
+        index = list(range(0, n, n // num_frames))[:num_frames]
+    clip = torch.from_numpy(frames[index]).float().permute(0, 3, 1, 2)
+    h, w = clip.shape[-2:]
+    tr = height / width
+    new_h, new_w = (int(w * tr), w) if h / w > tr else (h, int(h / tr))
+    i, j = int(round((h - new_h) / 2.0)), int(round((w - new_w) / 2.0))
+    clip = clip[..., i:i + new_h, j:j + new_w]
+    clip = F.interpolate(clip, size=(height, width), mode="bilinear", align_corners=True, antialias=True)
+    return clip / 255.0 * 2.0 - 1.0
+
+
+@pytest.mark.parametrize("shape, num_frames", [((60, 37, 53, 3), 9), ((20, 50, 75, 3), 5), ((3, 70, 40, 3), 5)])
+def test_sample_frames_gives_the_official_loaders_pixels(shape, num_frames):
+    frames = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    video = sample_frames(frames, num_frames, 32, 48)
+    assert video.shape == (num_frames, 3, 32, 48)
+    torch.testing.assert_close(video, official_frames(frames, num_frames, 32, 48), rtol=0, atol=0)
+    # Frames whose value is their index show which were kept.
+    numbered = np.broadcast_to(np.arange(shape[0], dtype=np.uint8)[:, None, None, None], shape).copy()
+    kept = ((sample_frames(numbered, num_frames, 32, 48) + 1) / 2 * 255).round().amax(dim=(1, 2, 3))
+    assert kept.int().tolist() == frame_indices(shape[0], num_frames)
 
 
 def test_batch_order_resumes_exactly():
@@ -350,6 +393,48 @@ def test_training_step_with_rotary_positions_as_cogvideox_5b():
                 torch.Generator().manual_seed(0))
     out["loss"].backward()
     assert out["loss_align"] > 0 and pipe.transformer.transformer_blocks[0].attn1.to_q.weight.grad is not None
+
+
+def test_diffusion_loss_is_the_official_objective():
+    # official: finetune/models/cogvideox_t2v_align/lora_trainer.py, compute_loss: t uniform in [0, 1000), noise
+    # added by the scheduler, v turned into x0 by get_velocity, squared error weighted 1/(1 − ᾱ_t), per-clip mean.
+    from videorepa.diffusion import diffusion_loss
+    from videorepa.models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    scheduler, transformer = pipe.scheduler, pipe.transformer
+    latents, embeds = torch.randn(3, 3, 4, 8, 12), torch.randn(3, 128, 32)
+    with torch.no_grad():
+        ours = diffusion_loss(transformer, scheduler, latents, embeds, generator=torch.Generator().manual_seed(5))
+        gen = torch.Generator().manual_seed(5)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (3,), generator=gen).long()
+        noise = torch.randn(latents.shape, generator=gen)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        predicted = transformer(hidden_states=noisy, encoder_hidden_states=embeds, timestep=timesteps,
+                                return_dict=False)[0]
+        latent_pred = scheduler.get_velocity(predicted, noisy, timesteps)
+        weights = (1 / (1 - scheduler.alphas_cumprod[timesteps])).view(3, 1, 1, 1, 1)
+        official = torch.mean((weights * (latent_pred - latents) ** 2).reshape(3, -1), dim=1).mean()
+    torch.testing.assert_close(ours, official)
+
+
+def test_latents_take_the_models_scaling_factor_as_the_official_5b_rescale():
+    # official: finetune/datasets/t2v_dataset.py: the 5B run reads latents cached with CogVideoX-2b's VAE (scaling
+    # factor 1.15258426) as `encoded_video / 1.15258426 * 0.7`; CogVideoX-5b's VAE is the same with factor 0.7.
+    from types import SimpleNamespace
+
+    from videorepa.diffusion import latent_seed, sample_latents
+
+    def vae(factor):
+        return SimpleNamespace(config=SimpleNamespace(scaling_factor=factor))
+
+    parameters = torch.randn(2, 8, 3, 4, 6)  # (B, 2C, F', H', W'): mean and log-variance
+    seeds = [latent_seed(0, 4), latent_seed(0, 7)]
+    cached_2b = sample_latents(vae(1.15258426), parameters, seeds)
+    torch.testing.assert_close(sample_latents(vae(0.7), parameters, seeds), cached_2b / 1.15258426 * 0.7)
+    # A clip's sample depends on its seed only, not on its place in the batch.
+    swapped = sample_latents(vae(0.7), parameters.flip(0), seeds[::-1])
+    assert torch.equal(swapped.flip(0), sample_latents(vae(0.7), parameters, seeds))
 
 
 def test_atomic_path_leaves_old_file_on_failure(tmp_path):

@@ -1,6 +1,7 @@
 """train.py end to end on CPU with the tiny models: align losses, LoRA and full, resume, outputs, bad data, DDP."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -124,9 +125,45 @@ def test_lr_schedules_warm_up_then_hold_or_decay(name, expected):
     assert lrs == pytest.approx([2.0 * e for e in expected])
 
 
+class DeepSpeedWarmupDecayLR:
+    """deepspeed==0.16.3's WarmupDecayLR as the paper's run builds it (deepspeed/runtime/lr_schedules.py: warmup_type
+    log, warmup_min_lr 0), transcribed: the lr set at construction, then one step() per optimizer step."""
+
+    def __init__(self, peak, total_num_steps, warmup_num_steps):
+        self.peak, self.total, self.warmup = peak, total_num_steps, max(2, warmup_num_steps)
+        self.last_batch_iteration = -1
+        self.lr = 0.0  # get_lr() before the first step(): warmup_min_lr
+
+    def step(self):
+        self.last_batch_iteration += 1
+        it = self.last_batch_iteration
+        if it < self.warmup:
+            gamma = 1.0 / math.log(self.warmup) * math.log(it + 1)
+        else:
+            gamma = max(0.0, float(self.total - it) / float(max(1.0, self.total - self.warmup)))
+        self.lr = self.peak * gamma
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 8), (2, 8), (2, 4000), (4, 9), (100, 120)])
+def test_warmup_decay_is_deepspeeds_schedule(warmup, total):
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = train.lr_schedule(optimizer, "warmup-decay", warmup_steps=warmup, total_steps=total)
+    reference = DeepSpeedWarmupDecayLR(2.0, total, warmup)
+    ours, theirs = [], []
+    for _ in range(total):
+        ours.append(optimizer.param_groups[0]["lr"])
+        theirs.append(reference.lr)
+        optimizer.step()
+        schedule.step()
+        reference.step()
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)
+    if warmup <= 2:  # the paper's runs: two steps at lr 0, the peak, then down to 2/(T − 2) of it at the last step
+        assert ours[:4] == [0.0, 0.0, 2.0, 2.0] and ours[-1] == pytest.approx(2.0 * 2 / (total - 2))
+
+
 def test_presets_default_to_the_papers_recipe():
     # official: finetune/scripts/multigpu_VideoREPA_2B_sft.sh and multigpu_VideoREPA_5B_lora.sh
-    paper = {"batch_size": 4, "lr_scheduler": "linear", "warmup_steps": 2, "max_steps": None}
+    paper = {"batch_size": 4, "lr_scheduler": "warmup-decay", "warmup_steps": 2, "max_steps": None}
     paths = ["--model", "/m", "--teacher-path", "/t.pth"]
     two_b = train.parse_args(["--preset", "cogvideox-2b", *paths])
     assert {k: getattr(two_b, k) for k in paper} == paper
@@ -161,8 +198,37 @@ def test_readme_commands_train_the_paper_runs(tmp_path):
         assert runs[args.preset][:-1] == (defaults.lora_rank, defaults.lora_alpha, defaults.learning_rate,
                                           defaults.num_epochs, defaults.batch_size, defaults.lr_scheduler,
                                           defaults.warmup_steps, defaults.preset_config.align_layer)
-    assert runs == {"cogvideox-2b": (0, None, 2e-6, 4, 4, "linear", 2, 18, 42),
-                    "cogvideox-5b": (128, 64, 1e-4, 1, 4, "linear", 2, 18, 42)}
+    assert runs == {"cogvideox-2b": (0, None, 2e-6, 4, 4, "warmup-decay", 2, 18, 42),
+                    "cogvideox-5b": (128, 64, 1e-4, 1, 4, "warmup-decay", 2, 18, 42)}
+
+
+def test_each_clip_keeps_one_latent_sample_across_epochs(tmp_path, clips, monkeypatch):
+    # official: the cache holds one `latent_dist.sample()` per clip (finetune/datasets/t2v_dataset.py), reused by
+    # every epoch.
+    import videorepa.training as training
+
+    batches, latents = [], []
+    real_batch, real_loss = train.next_usable_batch, training.diffusion_loss
+
+    def record_batch(*a, **k):
+        batches.append(real_batch(*a, **k))
+        return batches[-1]
+
+    def record_latents(transformer, scheduler, x, *a, **k):
+        latents.append(x.detach().clone())
+        return real_loss(transformer, scheduler, x, *a, **k)
+
+    monkeypatch.setattr(train, "next_usable_batch", record_batch)
+    monkeypatch.setattr(training, "diffusion_loss", record_latents)
+    run_train(tmp_path, "--num-epochs", "2", "--batch-size", "4", "--checkpoint-every", "100", data=clips)
+    seen = {}
+    for batch, x in zip(batches, latents):
+        for clip, latent in zip(batch["index"], x):
+            seen.setdefault(clip, []).append(latent)
+    assert sorted(seen) == list(range(8)) and all(len(v) == 2 for v in seen.values())
+    for first, second in seen.values():
+        assert torch.equal(first, second)
+    assert not torch.equal(seen[0][0], seen[1][0])
 
 
 def test_num_epochs_sets_the_run_length_from_the_data(tmp_path, clips):
@@ -249,11 +315,12 @@ def test_bad_videos_are_skipped_and_counted(tmp_path, clips):
     folder = tmp_path / "mixed"
     shutil.copytree(os.path.dirname(clips), folder)
     (folder / "videos" / "corrupt.mp4").write_bytes(os.urandom(2048))
+    # A clip shorter than the 9 frames trained on is used, its last frame repeated (as the official loader does).
     write_video(str(folder / "videos" / "short.mp4"), np.zeros((3, 64, 96, 3), np.uint8))
     with open(folder / "captions.csv", "a") as f:
         f.write("videos/missing.mp4,gone\nvideos/corrupt.mp4,noise\nvideos/short.mp4,three frames\n")
     run_train(tmp_path / "out", "--max-steps", "12", "--batch-size", "4", data=str(folder / "captions.csv"))
-    assert metrics(tmp_path / "out")[-1]["skipped"] == 3
+    assert metrics(tmp_path / "out")[-1]["skipped"] == 2
 
 
 def test_no_usable_video_is_a_clear_error(tmp_path):

@@ -29,19 +29,38 @@ def read_captions(csv_path: str) -> list[tuple[str, str]]:
     return rows
 
 
+def frame_indices(total: int, num_frames: int) -> list[int]:
+    """Which of a clip's `total` frames to keep, as the official loader picks them: every ⌊total/num_frames⌋-th
+    frame from frame 0, the first `num_frames` of those; a shorter clip keeps all its frames and repeats its last.
+    official: finetune/datasets/utils.py, preprocess_video_with_resize_with_frame_idxs (start 0, end = frame count)
+    """
+    if total < 1 or num_frames < 1:
+        raise ValueError(f"need at least one frame to sample from and to, got total={total}, num_frames={num_frames}")
+    if total < num_frames:
+        return list(range(total)) + [total - 1] * (num_frames - total)
+    return list(range(0, total, total // num_frames))[:num_frames]
+
+
+def center_crop_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, crop height, crop width) of the largest center crop of an h×w frame with the aspect ratio of
+    height×width, with the official rounding (sizes truncated, offsets rounded half to even).
+    official: finetune/datasets/data_transform.py, center_crop_th_tw (top_crop=False)
+    """
+    ratio = height / width
+    crop_h, crop_w = (int(w * ratio), w) if h / w > ratio else (h, int(h / ratio))
+    return int(round((h - crop_h) / 2.0)), int(round((w - crop_w) / 2.0)), crop_h, crop_w
+
+
 def sample_frames(frames: np.ndarray, num_frames: int, height: int, width: int) -> torch.Tensor:
-    """uint8 (F, H, W, 3) -> float (num_frames, 3, height, width) in [-1, 1]: evenly spaced frames, center crop to
-    the target aspect ratio, bilinear resize."""
-    if len(frames) < num_frames:
-        raise VideoReadError(f"has {len(frames)} frames, fewer than the {num_frames} needed")
-    index = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
-    video = torch.from_numpy(frames[index]).permute(0, 3, 1, 2).float()
-    h, w = video.shape[-2:]
-    crop_h, crop_w = min(h, round(w * height / width)), min(w, round(h * width / height))
-    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    """uint8 (F, H, W, 3) -> float (num_frames, 3, height, width) in [-1, 1], as the official loader: frames picked
+    by `frame_indices`, center crop to the target aspect ratio, then bilinear resize (align_corners=True, antialias).
+    official: finetune/datasets/t2v_dataset.py, T2VDatasetWithResize (CenterCropResizeVideo, then x / 255 * 2 - 1)
+    """
+    video = torch.from_numpy(frames[frame_indices(len(frames), num_frames)]).permute(0, 3, 1, 2).float()
+    top, left, crop_h, crop_w = center_crop_box(*video.shape[-2:], height, width)
     video = video[:, :, top:top + crop_h, left:left + crop_w]
-    video = F.interpolate(video, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    return (video / 127.5 - 1.0).clamp_(-1.0, 1.0)
+    video = F.interpolate(video, size=(height, width), mode="bilinear", align_corners=True, antialias=True)
+    return video / 255.0 * 2.0 - 1.0
 
 
 class VideoCaptionDataset(torch.utils.data.Dataset):

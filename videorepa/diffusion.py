@@ -5,24 +5,37 @@ Loss: the transformer predicts v; CogVideoXDPMScheduler.get_velocity(v, x_t, t) 
 of the paper and of diffusers' CogVideoX finetuning script.
 """
 
+import numpy as np
 import torch
 
 from .models import text_length
 
 
 def encode_video_distribution(vae, video: torch.Tensor) -> torch.Tensor:
-    """Pixel video (B, F, 3, H, W) in [-1, 1] -> the VAE's latent distribution parameters (B, 2C, F', H', W');
-    cached as is, so every epoch draws a fresh latent sample."""
+    """Pixel video (B, F, 3, H, W) in [-1, 1] -> the VAE's latent distribution parameters (B, 2C, F', H', W'), which
+    the feature cache keeps; `sample_latents` draws from them."""
     dtype = next(vae.parameters()).dtype
     return vae.encode(video.permute(0, 2, 1, 3, 4).to(dtype)).latent_dist.parameters
 
 
-def sample_latents(vae, parameters: torch.Tensor, generator=None) -> torch.Tensor:
-    """A scaled latent sample (B, F', C, H', W') from cached distribution parameters."""
+def latent_seed(seed: int, clip: int) -> int:
+    """The seed of one clip's latent sample: fixed for the run, independent of rank, epoch and batch."""
+    return int(np.random.SeedSequence([seed, clip, 0x1A7E27]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def sample_latents(vae, parameters: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """A scaled latent sample (B, F', C, H', W') from distribution parameters, clip i's from seeds[i]: with
+    `latent_seed`, each clip is trained on one fixed latent sample, every epoch, as the official run, which caches
+    `latent_dist.sample() * scaling_factor` once per clip and reuses it.
+    official: finetune/models/cogvideox_t2v_align/lora_trainer.py (encode_video), finetune/datasets/t2v_dataset.py
+    """
+    if len(seeds) != parameters.shape[0]:
+        raise ValueError(f"one seed per clip: {len(seeds)} seeds for {parameters.shape[0]} clips")
     mean, logvar = parameters.float().chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    noise = torch.randn(mean.shape, generator=generator).to(mean)  # the CPU generator keeps one stream anywhere
-    return ((mean + std * noise) * vae.config.scaling_factor).permute(0, 2, 1, 3, 4)
+    # CPU generators keep one stream per clip on any device.
+    noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return ((mean + std * noise.to(mean)) * vae.config.scaling_factor).permute(0, 2, 1, 3, 4)
 
 
 def encode_prompts(pipe, captions: list[str], device) -> torch.Tensor:

@@ -13,7 +13,8 @@ from .files import atomic_path
 
 # What an entry holds beyond its config: bump when the computation changes, so old entries are never read.
 # 2: teacher frames resized bicubic without antialias, V-JEPA 2 before its final norm, VideoMAEv2 LayerNorm eps 1e-6.
-FORMAT = 2
+# 3: frames picked, cropped and resized as the official loader (videorepa.data.sample_frames).
+FORMAT = 3
 
 
 class FeatureCache:

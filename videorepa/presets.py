@@ -2,7 +2,7 @@
 
 `cogvideox-2b` and `cogvideox-5b` follow the paper's runs (official: finetune/scripts/multigpu_VideoREPA_2B_sft.sh,
 multigpu_VideoREPA_5B_lora.sh, configs/zero2.yaml): 49×480×720 video, the output of the 18th block aligned, teacher
-at 160×240, 4 clips per GPU, linear warm-up and linear decay to 0 over the run; 2B a full finetune at lr 2e-6 for 4
+at 160×240, 4 clips per GPU, DeepSpeed's WarmupDecayLR as the official run; 2B a full finetune at lr 2e-6 for 4
 epochs, 5B LoRA r = 128, α = 64 at lr 1e-4 for 1 epoch. `tiny` is the embedded default: models built in code with
 random weights, small enough to train on a CPU in minutes; it aligns the output of the first of its two blocks.
 """
@@ -27,18 +27,19 @@ class Preset:
     lora_rank: int  # 0: full finetune
     lora_alpha: float | None  # None: the rank (α/r = 1)
     batch_size: int  # clips per process
-    lr_scheduler: str  # constant, linear or cosine, after a linear warm-up
+    lr_scheduler: str  # constant, linear or cosine after a linear warm-up, or warmup-decay (DeepSpeed's)
     warmup_steps: int
     max_steps: int | None  # the run's length: optimizer steps, or
     num_epochs: int | None  # passes over the data
 
 
-# official: DeepSpeed's WarmupDecayLR (configs/zero2.yaml). Its warm-up length is "auto", which accelerate fills
-# from DummyScheduler's warmup_num_steps; finetune/trainer.py passes `num_warmup_steps=` instead, which
-# DummyScheduler swallows, so the trainer's 100 never arrives and DeepSpeed 0.16 raises the 0 to its minimum of 2
-# steps (log-shaped: lr 0, 0, then the peak). Linear decay to 0 over the run follows.
+# official: DeepSpeed's WarmupDecayLR (finetune/configs/zero2.yaml: every parameter "auto"). accelerate 1.3.0
+# fills warmup_num_steps from DummyScheduler.warmup_num_steps (accelerator.py, _prepare_deepspeed), but
+# finetune/trainer.py (prepare_optimizer) passes `num_warmup_steps=`, which DummyScheduler keeps in **kwargs, so
+# the trainer's 100 never arrives: the 0 default goes in, DeepSpeed 0.16.3 raises it to its minimum of 2 with its
+# default log-shaped warm-up (lr 0, 0, then the peak), and decays linearly over the run (train.warmup_decay).
 _PAPER = dict(num_frames=49, height=480, width=720, align_layer=18, projector_hidden=2048, teacher_height=160,
-              teacher_width=240, batch_size=4, lr_scheduler="linear", warmup_steps=2, max_steps=None)
+              teacher_width=240, batch_size=4, lr_scheduler="warmup-decay", warmup_steps=2, max_steps=None)
 
 PRESETS = {
     "tiny": Preset("tiny", num_frames=9, height=64, width=96, align_layer=1, projector_hidden=64, teacher_height=32,
