@@ -9,10 +9,10 @@ from .naive import naive_trd_loss
 from .trd_torch import torch_engine
 from .validation import BACKENDS, SCHEDULES, validate
 
-# schedule="auto" takes the two-pass schedule while what it keeps between its passes fits this budget: the 2-bit
-# pair map (B·N²/8 bytes) and, per gradient, radial partials of a quarter of that (128-token tiles). At B = 4,
-# N = 3,600 that is 7.1 + 1.8 MB; at B = 1, N = 32,400, 133 + 33 MB.
-TWO_PASS_MAX_BYTES = 2 << 30
+# schedule="auto" takes the two-pass schedule while what it keeps between its passes fits this budget: the int8
+# pair map (B·N²/2 bytes) and, per gradient, radial partials of 1/16 of that (128-token tiles). At B = 4,
+# N = 3,600 that is 28.5 + 1.8 MB; at B = 1, N = 32,400, 531 + 33 MB; the budget holds B·N² up to ~8e9.
+TWO_PASS_MAX_BYTES = 4 << 30
 TRITON_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
 
@@ -53,10 +53,10 @@ def trd_loss(
         tokens_per_frame: tokens in one frame (frames are consecutive runs of tokens); needed unless mode="full".
         backend: "auto" (triton on CUDA, else torch), "triton" (fused kernels), "torch" (blockwise PyTorch,
             O(N·D) memory), "naive" (full Gram matrices, the paper's formula).
-        schedule: triton only. "two-pass": the upper triangle of Gram tiles in forward, keeping a 2-bit map of the
-            active pairs (B·N²/8 bytes), and a GEMM for the gradient in backward. "fused": loss and gradient in
+        schedule: triton only. "two-pass": the upper triangle of Gram tiles in forward, keeping an int8 map of the
+            active pairs (B·N²/2 bytes), and a GEMM for the gradient in backward. "fused": loss and gradient in
             one pass in O(N·D) memory, with twice the Gram work. "auto": two-pass while its map fits
-            `TWO_PASS_MAX_BYTES` (2 GiB), else fused. Both are deterministic: the same bits in every run and
+            `TWO_PASS_MAX_BYTES` (4 GiB), else fused. Both are deterministic: the same bits in every run and
             process. Without a gradient to compute (no_grad, or inputs that need none) both run pass 1 alone.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton TRD kernels: dot precision, the Gram tile loop, pair masks, 2-bit pair maps, tile
+"""Pieces shared by the Triton TRD kernels: dot precision, the Gram tile loop, pair masks, tile
 indexing and launch configurations (fixed by rule, so the same inputs give the same bits in every process)."""
 
 import contextlib
@@ -157,22 +157,3 @@ def _tile_index(I, J, NB, NBAND, MODE: tl.constexpr):
     if MODE == 1:
         return row * NBAND + (J - I)
     return row * NB - (row * (row - 1)) // 2 + (J - I)
-
-
-@triton.jit
-def _or(a, b):
-    return a | b
-
-
-@triton.jit
-def _pack_bits(bits, BLOCK: tl.constexpr):
-    """(BLOCK, BLOCK) 0/1 int32 → (BLOCK, BLOCK // 32) words, column c in bit c % 32 of word c // 32."""
-    shifts = tl.arange(0, 32)
-    return tl.reduce(tl.reshape(bits, (BLOCK, BLOCK // 32, 32)) << shifts[None, None, :], 2, _or)
-
-
-@triton.jit
-def _unpack_bits(words, BLOCK: tl.constexpr):
-    """Inverse of `_pack_bits`: (BLOCK, BLOCK // 32) words → (BLOCK, BLOCK) 0/1 int32."""
-    shifts = tl.arange(0, 32)
-    return tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 1, (BLOCK, BLOCK))

@@ -2,15 +2,19 @@
 
 Pass 1 (forward) visits only tiles J ≥ I: both Gram matrices are symmetric, so tile (I, J) also stands for its
 mirror (J, I). Per tile it builds Ŝ and T̂ from two matmuls scaled by the inverse norms, Δ = Ŝ − T̂, the tile's
-loss partial (pairs weighted 2 off the diagonal), and, when a gradient is wanted, a packed 2-bit map of
-g = sign(Δ)·[|Δ| > margin] (a "+" and a "−" bit plane, 32 pairs per word) plus the partial row and column sums of
-g∘Ŝ and g∘T̂, which give each token's radial term x̂_i·dx̂_i = Σ_j g_ij Ŝ_ij without a second pass over D.
+loss partial (pairs weighted 2 off the diagonal), and, when a gradient is wanted, the map of
+g = sign(Δ)·[|Δ| > margin] as one int8 per pair, plus the partial row and column sums of g∘Ŝ and g∘T̂, which give
+each token's radial term x̂_i·dx̂_i = Σ_j g_ij Ŝ_ij without a second pass over D.
 Partials are reduced in a fixed order: no atomics, same bits every run.
 
-Pass 2 (backward) is dX̂ = G·X̂ (−G·T̂ for the teacher): program (I, D-tile) runs over J, unpacks G_IJ to exact
-±1/0 in registers (tiles J < I from the map of (J, I), transposed), weights it by the column scales and
-accumulates G_IJ·X_J on chip. Its epilogue applies the normalisation's backward and grad_output, and stores the
-gradient in the input dtype once. The map costs B·N²/8 bytes; nothing N×N is ever stored as numbers.
+Pass 2 (backward) is dX̂ = G·X̂ (−G·T̂ for the teacher): program (I, D-tile) runs over J, reads G_IJ (tiles J < I
+from the map of (J, I), transposed), weights it by the column scales and accumulates G_IJ·X_J on chip. Its
+epilogue applies the normalisation's backward and grad_output, and stores the gradient in the input dtype once.
+
+The map costs one byte per pair of the triangle, B·N²/2 bytes. A 2-bit map (B·N²/8) was the first version: its
+unpacking (shifts, masks, broadcast shared-memory loads) took 922–980 SASS instructions per warp for each 128-pair
+step of pass 2 against 1,024 cycles of tensor-core work, so pass 2 could not pass ~52 % of the matmul rate; reading
+int8 takes 404–578 (bench/NOTES.md v4).
 
 Spatial mode visits only the band of tiles that share a frame; temporal mode masks same-frame pairs.
 """
@@ -23,8 +27,8 @@ import triton.language as tl
 
 from .fused import differentiable_once
 from .normalization import EPS
-from .triton_common import (MODE_IDS, LaunchConfig, _band, _gram, _kept_pairs, _pack_bits, _relu_excess,
-                            _tile_index, _unpack_bits, _weighted_dot, check_inputs, device_of, dot_precision,
+from .triton_common import (MODE_IDS, LaunchConfig, _band, _gram, _kept_pairs, _relu_excess, _tile_index,
+                            _weighted_dot, check_inputs, device_of, dot_precision,
                             dtype_family, fitted_block, interpreter_enabled, new_output, wide_weights)
 from .validation import TRDProblem
 
@@ -120,8 +124,7 @@ def _pass1_kernel(
             # Radial terms x̂_i·dx̂_i = Σ_j g_ij Ŝ_ij: row sums feed tokens I, column sums tokens J (through the
             # mirror tile). Pass 2 weights column j by r_j rounded to the input dtype; the same rounding here
             # keeps the radial term exactly the one of the dx̂ that pass 2 computes, so their difference (the
-            # gradient) does not inherit that rounding, even when it is much smaller than either. Done before the
-            # map is packed, so that the Gram tiles die before the bit planes are built.
+            # gradient) does not inherit that rounding, even when it is much smaller than either.
             partials = CPART + (b * NTILES + slot) * (NWHO * 2 * BLOCK)
             if C_S:
                 _store_radial(partials, g * s_hat, _rounding(rs_rows, S, WIDE_S), _rounding(rs_cols, S, WIDE_S),
@@ -129,11 +132,8 @@ def _pass1_kernel(
             if C_T:
                 _store_radial(partials + (NWHO - 1) * 2 * BLOCK, g * t_hat, _rounding(rt_rows, T, WIDE_T),
                               _rounding(rt_cols, T, WIDE_T), BLOCK)
-            words = BLOCK * (BLOCK // 32)
-            offsets = local[:, None] * (BLOCK // 32) + tl.arange(0, BLOCK // 32)[None, :]
-            tile_map = MAP + (b * NTILES + slot) * (2 * words)
-            tl.store(tile_map + offsets, _pack_bits((g > 0).to(tl.int32), BLOCK))
-            tl.store(tile_map + words + offsets, _pack_bits((g < 0).to(tl.int32), BLOCK))
+            tl.store(MAP + (b * NTILES + slot) * (BLOCK * BLOCK) + local[:, None] * BLOCK + local[None, :],
+                     g.to(tl.int8))
 
 
 @triton.jit
@@ -153,15 +153,6 @@ def _store_radial(partials, g_hat, row_rounding, col_rounding, BLOCK: tl.constex
 
 
 @triton.jit
-def _pair_signs(MAP, b, NTILES, slot, BLOCK: tl.constexpr):
-    """g of tile `slot` as int32 ±1/0, (BLOCK, BLOCK), in the orientation pass 1 stored it."""
-    words = BLOCK * (BLOCK // 32)
-    offsets = tl.arange(0, BLOCK)[:, None] * (BLOCK // 32) + tl.arange(0, BLOCK // 32)[None, :]
-    tile_map = MAP + (b * NTILES + slot) * (2 * words)
-    return _unpack_bits(tl.load(tile_map + offsets), BLOCK) - _unpack_bits(tl.load(tile_map + words + offsets), BLOCK)
-
-
-@triton.jit
 def _add_columns(acc, MAP, b, NTILES, slot, X, R, N, col_block, ds, d_ok, x_stride_b, x_stride_n, x_stride_d,
                  TRANSPOSED: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
     """acc + (G_IJ·diag(r_J)) @ X_J[:, ds], G_IJ from the map of tile `slot`, stored as (J, I) when TRANSPOSED.
@@ -169,7 +160,8 @@ def _add_columns(acc, MAP, b, NTILES, slot, X, R, N, col_block, ds, d_ok, x_stri
     cols = col_block * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < N
     r = tl.load(R + b * N + cols, mask=col_ok, other=0.0)
-    g = _pair_signs(MAP, b, NTILES, slot, BLOCK).to(tl.float32)
+    local = tl.arange(0, BLOCK)
+    g = tl.load(MAP + (b * NTILES + slot) * (BLOCK * BLOCK) + local[:, None] * BLOCK + local[None, :]).to(tl.float32)
     w = g * r[:, None] if TRANSPOSED else g * r[None, :]
     if not WIDE:
         w = w.to(X.dtype.element_ty)
@@ -277,12 +269,12 @@ def tile_grid(problem: TRDProblem, block: int) -> tuple[int, int, int]:
 
 
 def pair_map_bytes(problem: TRDProblem, need_s: bool, need_t: bool) -> int:
-    """Bytes pass 1 keeps for pass 2: the 2-bit map, plus 2·BLOCK float32 radial partials per tile and gradient."""
+    """Bytes pass 1 keeps for pass 2: the int8 map, plus 2·BLOCK float32 radial partials per tile and gradient."""
     if not (need_s or need_t):
         return 0
     block = select_configs(problem, need_s, need_t)[0]["BLOCK"]
     tiles = problem.batch * tile_grid(problem, block)[2]
-    return tiles * (block * block // 4 + (need_s + need_t) * 2 * block * 4)
+    return tiles * (block * block + (need_s + need_t) * 2 * block * 4)
 
 
 def pass1_launch(problem, r_s, r_t, need_s: bool, need_t: bool, configs):
@@ -298,7 +290,7 @@ def pass1_launch(problem, r_s, r_t, need_s: bool, need_t: bool, configs):
     loss_part = (torch.zeros if problem.mode == "spatial" else new_output)((problem.batch, tiles), device=s.device)
     pair_map = radial = loss_part  # stand-in pointers for buffers the kernel is compiled not to touch
     if write_map:
-        pair_map = new_output((problem.batch, tiles, 2, block, block // 32), s.device, torch.int32)
+        pair_map = new_output((problem.batch, tiles, block, block), s.device, torch.int8)
         radial = new_output((problem.batch, tiles, nwho, 2, block), s.device)
     if problem.mode == "spatial":
         programs = tiles

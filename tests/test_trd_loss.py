@@ -238,7 +238,7 @@ def poison(monkeypatch, *modules):
     def poisoned(shape, device, dtype=torch.float32):
         if dtype.is_floating_point:
             return torch.full(shape, float("nan"), dtype=dtype, device=device)
-        return torch.full(shape, 0x55555555, dtype=dtype, device=device)  # every pair "+" and "−" at once
+        return torch.full(shape, 85, dtype=dtype, device=device)  # no pair weight is 85
 
     for module in modules:
         monkeypatch.setattr(module, "new_output", poisoned)
@@ -280,8 +280,8 @@ def two_pass_configs(block, block_d, group, block_k=32):
     two_pass_configs(32, 32, 5),
 ], ids=["block64-group2", "block32-group4", "block32-group5"])
 def test_two_pass_tilings(configs):
-    # 180 tokens: 3 or 6 row blocks, so every super-tile grid overhangs the last block; map rows of one and of two
-    # words; D tiles that do not divide D; frames shorter (12) and longer (90) than a tile.
+    # 180 tokens: 3 or 6 row blocks, so every super-tile grid overhangs the last block; 64- and 32-token map tiles;
+    # D tiles that do not divide D; frames shorter (12) and longer (90) than a tile.
     gen = torch.Generator().manual_seed(10)
     student, teacher = torch.randn(2, 180, 40, generator=gen), torch.randn(2, 180, 24, generator=gen)
     for mode, frame in (("full", None), ("spatial", 12), ("spatial", 90), ("temporal", 60)):
