@@ -134,6 +134,28 @@ def resource_usage(cubin: bytes) -> dict:
     return {"registers": regs, "local_bytes": max(stack, local)}
 
 
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
+
+
+def sass_loops(cubin: bytes) -> list[dict]:
+    """Each loop of the kernel's machine code (a backward branch and the instructions up to it from its target):
+    instructions per warp per iteration and how many of them are tensor-core MMAs. Eight warps issue four
+    instructions per cycle per SM, so a loop's instructions bound its speed as surely as its MMAs do."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    code = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(SASS_LINE.search, text.splitlines()) if m]
+    loops = []
+    for address, opcode, operands in code:
+        target = re.search(r"0x([0-9a-f]+)", operands) if opcode.startswith("BRA") else None
+        if target and int(target.group(1), 16) < address:
+            body = [op for at, op, _ in code if int(target.group(1), 16) <= at <= address]
+            loops.append({"instructions": len(body), "mma": sum(op.startswith(("HGMMA", "HMMA", "UTC")) for op in body)})
+    return loops
+
+
 def matmul_instruction(ptx: str) -> str:
     if "wgmma.mma_async" in ptx:
         return "wgmma"  # Hopper warp-group MMA
@@ -178,7 +200,7 @@ def report_row(variant: Variant, config, arch: int, tokens: int, dim: int, token
     return {**row, "compile_s": round(time.perf_counter() - start, 2), **usage,
             "shared_kib": round(shared / 1024, 1), "shared_fits": shared <= SHARED_LIMIT_KIB[arch] * 1024,
             "blocks_per_sm": blocks_per_sm(usage["registers"], row["num_warps"], shared, arch),
-            "matmul": matmul_instruction(compiled.asm["ptx"])}
+            "matmul": matmul_instruction(compiled.asm["ptx"]), "loops": sass_loops(compiled.asm["cubin"])}
 
 
 def format_row(row: dict) -> str:
@@ -187,8 +209,10 @@ def format_row(row: dict) -> str:
     head = f"{row['arch']:<6} {row['variant']:<30} {tiles:<22} w{row['num_warps']} s{row['num_stages']}"
     if "error" in row:
         return f"{head}  FAILED  {row['error'][:120]}"
+    loops = " ".join(f"{loop['instructions']}/{loop['mma']}" for loop in row["loops"] if loop["mma"])
     return (f"{head}  regs {row['registers']:>3}  local {row['local_bytes']:>5} B  shared {row['shared_kib']:>6} KiB"
-            f"{'' if row['shared_fits'] else ' (too big)'}  {row['blocks_per_sm']}/SM  {row['matmul']}")
+            f"{'' if row['shared_fits'] else ' (too big)'}  {row['blocks_per_sm']}/SM  {row['matmul']}"
+            f"  loops (instructions/MMA) {loops}")
 
 
 def parse_args(argv=None):
