@@ -147,15 +147,13 @@ def _tile_index(I, J, NB, NBAND, MODE: tl.constexpr):
 
 
 @triton.jit
-def _or(a, b):
-    return a | b
-
-
-@triton.jit
 def _pack_bits(bits, BLOCK: tl.constexpr):
-    """(BLOCK, BLOCK) 0/1 int32 → (BLOCK, BLOCK // 32) words, column c in bit c % 32 of word c // 32."""
+    """(BLOCK, BLOCK) 0/1 int32 → (BLOCK, BLOCK // 32) words, column c in bit c % 32 of word c // 32. The shifted
+    bits are distinct powers of two, so their sum is their OR (bit 31's −2³¹ included: no partial sum leaves int32);
+    a sum compiles to the same sm_90 code size and registers, and Triton's interpreter runs it 2–3× faster than a
+    reduction with a Python combine function."""
     shifts = tl.arange(0, 32)
-    return tl.reduce(tl.reshape(bits, (BLOCK, BLOCK // 32, 32)) << shifts[None, None, :], 2, _or)
+    return tl.sum(tl.reshape(bits, (BLOCK, BLOCK // 32, 32)) << shifts[None, None, :], 2)
 
 
 @triton.jit
