@@ -1,18 +1,13 @@
-"""`trd_loss`: argument checks, then dispatch to a backend and, for Triton, a schedule."""
+"""`trd_loss`: argument checks, then dispatch to a backend and, for Triton, a schedule, each an operator that
+torch.compile keeps whole (`ops`)."""
 
 from typing import Optional
 
 import torch
 
-from .fused import fused_trd_loss
+from . import ops
 from .naive import naive_trd_loss
-from .trd_torch import torch_engine
 from .validation import BACKENDS, SCHEDULES, validate
-
-# schedule="auto" takes the two-pass schedule while what it keeps between its passes fits this budget: the 2-bit
-# pair map (B·N²/8 bytes) and, per gradient, radial partials of a quarter of that (128-token tiles). At B = 4,
-# N = 3,600 that is 7.1 + 1.8 MB; at B = 1, N = 32,400, 133 + 33 MB.
-TWO_PASS_MAX_BYTES = 2 << 30
 
 
 def _triton_available() -> bool:
@@ -31,6 +26,18 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     if device.type == "cuda" and dtype != torch.float64 and _triton_available():
         return "triton"
     return "torch"
+
+
+def _check_options(student, teacher, backend: str, schedule: str) -> str:
+    """The resolved backend; bad options and inputs the chosen backend cannot take raise."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    chosen = resolve_backend(backend, student.device, student.dtype)
+    if chosen == "triton":
+        from .triton_common import check_inputs
+
+        check_inputs(student, teacher)
+    return chosen
 
 
 def trd_loss(
@@ -62,21 +69,18 @@ def trd_loss(
         0-dim float32 tensor. Gradients reach student (and teacher) in their own dtypes.
     """
     problem = validate(student, teacher, margin, mode, tokens_per_frame)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    chosen = resolve_backend(backend, problem.student.device, problem.student.dtype)
+    chosen = _check_options(problem.student, problem.teacher, backend, schedule)
     if chosen == "naive":
         return naive_trd_loss(problem)
-    if chosen == "torch":
-        return fused_trd_loss(problem, torch_engine)
-    # Imports triton: only when asked for.
-    from .triton_fused import fused_engine
-    from .triton_two_pass import pair_map_bytes, two_pass_trd_loss
+    s, t = problem.student, problem.teacher
+    need_s = torch.is_grad_enabled() and s.requires_grad
+    need_t = torch.is_grad_enabled() and t.requires_grad
+    arguments = (problem.margin, mode, tokens_per_frame)
+    if chosen == "triton":
+        from .triton_two_pass import resolve_schedule
 
-    need_s = torch.is_grad_enabled() and problem.student.requires_grad
-    need_t = torch.is_grad_enabled() and problem.teacher.requires_grad
-    if schedule == "auto":
-        schedule = "two-pass" if pair_map_bytes(problem, need_s, need_t) <= TWO_PASS_MAX_BYTES else "fused"
-    if schedule == "two-pass" or not (need_s or need_t):  # the loss alone: pass 1 without a map is the least work
-        return two_pass_trd_loss(problem)
-    return fused_trd_loss(problem, fused_engine)
+        schedule = resolve_schedule(problem, schedule, need_s, need_t)
+        if schedule == "two-pass":
+            return ops.trd_two_pass(s, t, *arguments, need_s, need_t)[0]
+    return ops.trd_loss_and_gradient(s, t, *arguments, chosen, schedule, need_s, need_t)[0]
+

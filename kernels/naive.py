@@ -13,13 +13,18 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.to(compute_dtype(x)), dim=-1).to(x.dtype)
 
 
+def _kept_sum(problem: TRDProblem, s_rows, t_rows, s_cols, t_cols) -> torch.Tensor:
+    """Σ relu(|Ŝ − T̂| − margin), float32, over the pairs the mode keeps: the problem's rows against all columns."""
+    excess = F.relu(((s_rows @ s_cols.mT) - (t_rows @ t_cols.mT)).abs() - problem.margin).float()
+    if problem.mode == "full":
+        return excess.sum()
+    frame = torch.arange(problem.tokens, device=excess.device) // problem.tokens_per_frame
+    same = frame[slice(*problem.row_range), None] == frame[None, :]
+    return excess[:, same if problem.mode == "spatial" else ~same].sum()
+
+
 def naive_trd_loss(problem: TRDProblem) -> torch.Tensor:
     s = _normalize(problem.student)
     t = _normalize(problem.teacher)
-    excess = F.relu(((s @ s.mT) - (t @ t.mT)).abs() - problem.margin)
-    if problem.mode == "full":
-        return excess.float().mean()
-    frame = torch.arange(problem.tokens, device=s.device) // problem.tokens_per_frame
-    same = frame[:, None] == frame[None, :]
-    keep = same if problem.mode == "spatial" else ~same
-    return excess.float()[:, keep].sum() / problem.num_pairs
+    return _kept_sum(problem, s, t, s, t) / problem.num_pairs
+
