@@ -1,13 +1,14 @@
 """`trd_loss`: argument checks, then dispatch to a backend and, for Triton, a schedule, each an operator that
-torch.compile keeps whole (`ops`)."""
+torch.compile keeps whole (`ops`); with `group=`, to the sequence-parallel path (`sequence_parallel`)."""
 
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from . import ops
 from .naive import naive_trd_loss
-from .validation import BACKENDS, SCHEDULES, validate
+from .validation import BACKENDS, SCHEDULES, check_shard, validate
 
 
 def _triton_available() -> bool:
@@ -48,6 +49,7 @@ def trd_loss(
     tokens_per_frame: Optional[int] = None,
     backend: str = "auto",
     schedule: str = "auto",
+    group: Optional["dist.ProcessGroup"] = None,
 ) -> torch.Tensor:
     """Token Relation Distillation loss: mean over kept token pairs of relu(|ŝ_i·ŝ_j − t̂_i·t̂_j| − margin).
 
@@ -64,10 +66,22 @@ def trd_loss(
             one pass in O(N·D) memory, with twice the Gram work. "auto": two-pass while its map fits
             `TWO_PASS_MAX_BYTES` (2 GiB), else fused. Both are deterministic: the same bits in every run and
             process. Without a gradient to compute (no_grad, or inputs that need none) both run pass 1 alone.
+        group: a torch.distributed process group across which the token axis is split (sequence parallelism):
+            each process passes its contiguous slice of the N tokens, in rank order, of any size (the same B, D,
+            dtypes and arguments everywhere). Every process gets the loss of the whole clips, and its slices get
+            the exact gradient of that loss. Frames count on the whole token axis. Costs an all-gather of the
+            tokens (no autograd) and a sum of B numbers; the gradient is computed in forward, so backward needs
+            no collective. None (or a group of one process): the tokens are all here.
 
     Returns:
         0-dim float32 tensor. Gradients reach student (and teacher) in their own dtypes.
     """
+    if group is not None:
+        world = dist.get_world_size(group)
+        if world < 1:
+            raise ValueError("group: this process is not a member of the process group it passed")
+        if world > 1:
+            return _sharded_trd_loss(student, teacher, margin, mode, tokens_per_frame, backend, schedule, group)
     problem = validate(student, teacher, margin, mode, tokens_per_frame)
     chosen = _check_options(problem.student, problem.teacher, backend, schedule)
     if chosen == "naive":
@@ -82,5 +96,21 @@ def trd_loss(
         schedule = resolve_schedule(problem, schedule, need_s, need_t)
         if schedule == "two-pass":
             return ops.trd_two_pass(s, t, *arguments, need_s, need_t)[0]
-    return ops.trd_loss_and_gradient(s, t, *arguments, chosen, schedule, need_s, need_t)[0]
+    return ops.trd_loss_and_gradient(s, t, *arguments, chosen, schedule, need_s, need_t, "")[0]
 
+
+def _sharded_trd_loss(student, teacher, margin, mode, tokens_per_frame, backend, schedule, group) -> torch.Tensor:
+    from .sequence_parallel import announce_failure, naive_sharded_trd_loss
+
+    try:
+        s, t = check_shard(student, teacher, margin, mode, tokens_per_frame)
+        chosen = _check_options(s, t, backend, schedule)
+    except (TypeError, ValueError):
+        announce_failure(group, student)  # the other processes raise instead of waiting for this one
+        raise
+    if chosen == "naive":
+        return naive_sharded_trd_loss(s, t, float(margin), mode, tokens_per_frame, group)
+    need_s = torch.is_grad_enabled() and s.requires_grad
+    need_t = torch.is_grad_enabled() and t.requires_grad
+    return ops.trd_loss_and_gradient(s, t, float(margin), mode, tokens_per_frame, chosen, schedule, need_s, need_t,
+                                     group.group_name)[0]

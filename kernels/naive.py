@@ -1,8 +1,11 @@
 """The paper's formulation: full N×N Gram matrices and autograd. Reference and benchmark baseline; O(N²) memory."""
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
+from .fused import differentiable_once
 from .normalization import compute_dtype
 from .validation import TRDProblem
 
@@ -28,3 +31,28 @@ def naive_trd_loss(problem: TRDProblem) -> torch.Tensor:
     t = _normalize(problem.teacher)
     return _kept_sum(problem, s, t, s, t) / problem.num_pairs
 
+
+class _Doubled(torch.autograd.Function):
+    """2·x, first-order only."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    @differentiable_once
+    def backward(ctx, grad):
+        return (2 * grad,)
+
+
+def naive_shard_trd_loss(problem: TRDProblem, student_rows: torch.Tensor, teacher_rows: torch.Tensor,
+                         all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The formula when the tokens are split across processes: `problem` holds every token as data, and this
+    process's rows (`student_rows`, `teacher_rows`, which carry autograd) meet all of them. `all_reduce` sums over
+    the processes. Each pair (j, i) of another process's rows holds these rows' tokens as columns and gives them
+    the gradient that (i, j) gives them as rows (both Gram matrices are symmetric), so the rows' own gradient,
+    doubled, is the exact one; the columns stay constants."""
+    own = _kept_sum(problem, _normalize(student_rows), _normalize(teacher_rows), _normalize(problem.student),
+                    _normalize(problem.teacher))
+    total = all_reduce(own.detach().double()).float()
+    return (total + (_Doubled.apply(own) - 2 * own.detach())) / problem.num_pairs

@@ -5,8 +5,8 @@ traces into Triton's launcher or the blockwise engine's loops, `fullgraph=True` 
 re-uses the compiled graph instead of specialising the loss to it (the fakes take symbolic sizes; the launch
 configuration rule may add a guard at its size thresholds). Eager calls run the same operators.
 
-- `videorepa::trd_loss_and_gradient`: loss and gradient in forward (blockwise PyTorch, the one-pass Triton kernel);
-  backward scales the gradient.
+- `videorepa::trd_loss_and_gradient`: loss and gradient in forward (blockwise PyTorch, the one-pass Triton kernel,
+  and every backend under sequence parallelism, whose collectives stay inside); backward scales the gradient.
 - `videorepa::trd_two_pass` / `videorepa::trd_two_pass_gradient`: Triton's pass 1 in forward, returning the pair
   map and partials that backward's pass 2 reads.
 """
@@ -27,17 +27,24 @@ def _or_empty(grad: Optional[Tensor], like: Tensor) -> Tensor:
 
 @torch.library.custom_op("videorepa::trd_loss_and_gradient", mutates_args=())
 def trd_loss_and_gradient(student: Tensor, teacher: Tensor, margin: float, mode: str,
-                          tokens_per_frame: Optional[int], backend: str, schedule: str, need_s: bool,
-                          need_t: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, dL/dstudent or empty, dL/dteacher or empty)."""
-    problem = validate(student, teacher, margin, mode, tokens_per_frame)
-    loss, grad_s, grad_t = loss_and_gradient(problem, engine_for(problem, backend, schedule, need_s, need_t), need_s,
-                                             need_t)
+                          tokens_per_frame: Optional[int], backend: str, schedule: str, need_s: bool, need_t: bool,
+                          group_name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, dL/dstudent or empty, dL/dteacher or empty). With `group_name` the inputs are this process's slices
+    of the token axis, the loss is the whole clips' and the gradients are those of the slices."""
+    if group_name:
+        from .sequence_parallel import sharded_loss_and_gradient
+
+        loss, grad_s, grad_t = sharded_loss_and_gradient(student, teacher, margin, mode, tokens_per_frame, backend,
+                                                         schedule, need_s, need_t, group_name)
+    else:
+        problem = validate(student, teacher, margin, mode, tokens_per_frame)
+        loss, grad_s, grad_t = loss_and_gradient(problem, engine_for(problem, backend, schedule, need_s, need_t),
+                                                 need_s, need_t)
     return loss, _or_empty(grad_s, student), _or_empty(grad_t, teacher)
 
 
 @trd_loss_and_gradient.register_fake
-def _(student, teacher, margin, mode, tokens_per_frame, backend, schedule, need_s, need_t):
+def _(student, teacher, margin, mode, tokens_per_frame, backend, schedule, need_s, need_t, group_name):
     return (student.new_empty((), dtype=torch.float32), student.new_empty(student.shape if need_s else 0),
             teacher.new_empty(teacher.shape if need_t else 0))
 
@@ -52,7 +59,7 @@ def _save_gradients(ctx, inputs, output):
 @differentiable_once
 def _scale_gradients(ctx, grad_loss, *_):
     scaled = [g * grad_loss.to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, ctx.need)]
-    return (*scaled, *[None] * 7)
+    return (*scaled, *[None] * 8)
 
 
 trd_loss_and_gradient.register_autograd(_scale_gradients, setup_context=_save_gradients)
