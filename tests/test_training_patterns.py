@@ -4,6 +4,10 @@ autocast with float32 master weights, retain_graph, double backward; DDP and FSD
 the token axis split across the processes."""
 
 import functools
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -174,3 +178,18 @@ def test_data_parallel_matches_plain_step(scenario):
     for rank in data_parallel_results():
         assert_same(rank[scenario], expected)
 
+
+def test_readme_trainer_example_runs_on_two_processes(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "README.md")) as f:
+        readme = f.read()
+    block = readme[readme.index("<!-- trainer-example -->"):]
+    script = tmp_path / "trd_step.py"
+    script.write_text(block[block.index("```python\n") + 10:block.index("\n```\n")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = re.findall(r"step (\d): diffusion (\S+)  trd (\S+)", done.stdout)
+    assert [int(step) for step, _, _ in steps] == [0, 1, 2]
+    assert float(steps[-1][2]) < float(steps[0][2])  # the TRD term falls
