@@ -89,7 +89,7 @@ def trd_loss(
     s, t = problem.student, problem.teacher
     need_s = torch.is_grad_enabled() and s.requires_grad
     need_t = torch.is_grad_enabled() and t.requires_grad
-    arguments = (problem.margin, mode, tokens_per_frame)
+    arguments = (problem.margin, mode, None if mode == "full" else tokens_per_frame)
     if chosen == "triton":
         from .triton_two_pass import resolve_schedule
 
@@ -108,9 +108,9 @@ def _sharded_trd_loss(student, teacher, margin, mode, tokens_per_frame, backend,
     except (TypeError, ValueError):
         announce_failure(group, student)  # the other processes raise instead of waiting for this one
         raise
+    arguments = (float(margin), mode, None if mode == "full" else tokens_per_frame)
     if chosen == "naive":
-        return naive_sharded_trd_loss(s, t, float(margin), mode, tokens_per_frame, group)
+        return naive_sharded_trd_loss(s, t, *arguments, group)
     need_s = torch.is_grad_enabled() and s.requires_grad
     need_t = torch.is_grad_enabled() and t.requires_grad
-    return ops.trd_loss_and_gradient(s, t, float(margin), mode, tokens_per_frame, chosen, schedule, need_s, need_t,
-                                     group.group_name)[0]
+    return ops.trd_loss_and_gradient(s, t, *arguments, chosen, schedule, need_s, need_t, group.group_name)[0]
