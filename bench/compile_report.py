@@ -104,8 +104,7 @@ def launch_arguments(variant: Variant, config, tokens: int, dim: int, tokens_per
     if variant.kernel == "pass1":
         return kernel, args, kwargs
     kernel, _, args, kwargs, _ = triton_two_pass.pass2_launch(
-        problem, student, norms, norms, pair_map, radial, torch.ones(1, dtype=torch.float64), torch.ones(()), 1.0,
-        0, 1, configs)
+        problem, student, norms, norms, pair_map, radial, torch.ones(1), 0, 1, configs)
     return kernel, args, kwargs
 
 

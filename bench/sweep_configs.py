@@ -13,6 +13,7 @@ import argparse
 import functools
 import os
 import sys
+from unittest import mock
 
 import torch
 
@@ -21,8 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_trd import DTYPES, FULL_RES, MARGIN, PAPER, Shape, environment, make_inputs, write_json  # noqa: E402
 from correlated_inputs import DEFAULT_ACTIVE_SHARE  # noqa: E402
 from measure import synchronize, time_samples  # noqa: E402
-from videorepa.kernels import triton_fused, triton_two_pass  # noqa: E402
-from videorepa.kernels.fused import fused_trd_loss  # noqa: E402
+from videorepa.kernels import triton_fused, triton_two_pass, trd_loss  # noqa: E402
 from videorepa.kernels.triton_common import dtype_family  # noqa: E402
 from videorepa.kernels.validation import validate  # noqa: E402
 
@@ -48,14 +48,11 @@ def rule_pick(problem, schedule):
 
 
 def step(schedule, configs, s, t):
-    """One forward and backward (full mode) with exactly these configs."""
+    """One forward and backward (full mode) with exactly these configs in place of the rule's."""
     s.grad = None
-    problem = validate(s, t, MARGIN, "full", None)
-    if schedule == "two-pass":
-        loss = triton_two_pass.two_pass_trd_loss(problem, configs)
-    else:
-        loss = fused_trd_loss(problem, functools.partial(triton_fused.fused_engine, config=configs))
-    loss.backward()
+    module, rule = (triton_two_pass, "select_configs") if schedule == "two-pass" else (triton_fused, "select_config")
+    with mock.patch.object(module, rule, lambda *args: configs):
+        trd_loss(s, t, MARGIN, backend="triton", schedule=schedule).backward()
 
 
 def describe(schedule, configs) -> dict:

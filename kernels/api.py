@@ -1,18 +1,15 @@
-"""`trd_loss`: argument checks, then dispatch to a backend and, for Triton, a schedule."""
+"""`trd_loss`: argument checks, then dispatch to a backend and, for Triton, a schedule, each an operator that
+torch.compile keeps whole (`ops`); with `group=`, to the sequence-parallel path (`sequence_parallel`)."""
 
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from .fused import fused_trd_loss
+from . import ops
 from .naive import naive_trd_loss
-from .trd_torch import torch_engine
-from .validation import BACKENDS, SCHEDULES, validate
+from .validation import BACKENDS, SCHEDULES, check_shard, validate
 
-# schedule="auto" takes the two-pass schedule while what it keeps between its passes fits this budget: the int8
-# pair map (B·N²/2 bytes) and, per gradient, radial partials of 1/16 of that (128-token tiles). At B = 4,
-# N = 3,600 that is 28.5 + 1.8 MB; at B = 1, N = 32,400, 531 + 33 MB; the budget holds B·N² up to ~8e9.
-TWO_PASS_MAX_BYTES = 4 << 30
 TRITON_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
 
@@ -34,6 +31,18 @@ def resolve_backend(backend: str, device: torch.device, *dtypes: torch.dtype) ->
     return "torch"
 
 
+def _check_options(student, teacher, backend: str, schedule: str) -> str:
+    """The resolved backend; bad options and inputs the chosen backend cannot take raise."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    chosen = resolve_backend(backend, student.device, student.dtype, teacher.dtype)
+    if chosen == "triton":
+        from .triton_common import check_inputs
+
+        check_inputs(student, teacher)
+    return chosen
+
+
 def trd_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -42,6 +51,7 @@ def trd_loss(
     tokens_per_frame: Optional[int] = None,
     backend: str = "auto",
     schedule: str = "auto",
+    group: Optional["dist.ProcessGroup"] = None,
 ) -> torch.Tensor:
     """Token Relation Distillation loss: mean over kept token pairs of relu(|ŝ_i·ŝ_j − t̂_i·t̂_j| − margin).
 
@@ -58,26 +68,51 @@ def trd_loss(
             one pass in O(N·D) memory, with twice the Gram work. "auto": two-pass while its map fits
             `TWO_PASS_MAX_BYTES` (4 GiB), else fused. Both are deterministic: the same bits in every run and
             process. Without a gradient to compute (no_grad, or inputs that need none) both run pass 1 alone.
+        group: a torch.distributed process group across which the token axis is split (sequence parallelism):
+            each process passes its contiguous slice of the N tokens, in rank order, of any size (the same B, D,
+            dtypes and arguments everywhere). Every process gets the loss of the whole clips, and its slices get
+            the exact gradient of that loss. Frames count on the whole token axis. Costs an all-gather of the
+            tokens (no autograd) and a sum of B numbers; the gradient is computed in forward, so backward needs
+            no collective. None (or a group of one process): the tokens are all here.
 
     Returns:
         0-dim float32 tensor. Gradients reach student (and teacher) in their own dtypes.
     """
+    if group is not None:
+        world = dist.get_world_size(group)
+        if world < 1:
+            raise ValueError("group: this process is not a member of the process group it passed")
+        if world > 1:
+            return _sharded_trd_loss(student, teacher, margin, mode, tokens_per_frame, backend, schedule, group)
     problem = validate(student, teacher, margin, mode, tokens_per_frame)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    chosen = resolve_backend(backend, problem.student.device, problem.student.dtype, problem.teacher.dtype)
+    chosen = _check_options(problem.student, problem.teacher, backend, schedule)
     if chosen == "naive":
         return naive_trd_loss(problem)
-    if chosen == "torch":
-        return fused_trd_loss(problem, torch_engine)
-    # Imports triton: only when asked for.
-    from .triton_fused import fused_engine
-    from .triton_two_pass import pair_map_bytes, two_pass_trd_loss
+    s, t = problem.student, problem.teacher
+    need_s = torch.is_grad_enabled() and s.requires_grad
+    need_t = torch.is_grad_enabled() and t.requires_grad
+    arguments = (problem.margin, mode, None if mode == "full" else tokens_per_frame)
+    if chosen == "triton":
+        from .triton_two_pass import resolve_schedule
 
-    need_s = torch.is_grad_enabled() and problem.student.requires_grad
-    need_t = torch.is_grad_enabled() and problem.teacher.requires_grad
-    if schedule == "auto":
-        schedule = "two-pass" if pair_map_bytes(problem, need_s, need_t) <= TWO_PASS_MAX_BYTES else "fused"
-    if schedule == "two-pass" or not (need_s or need_t):  # the loss alone: pass 1 without a map is the least work
-        return two_pass_trd_loss(problem)
-    return fused_trd_loss(problem, fused_engine)
+        schedule = resolve_schedule(problem, schedule, need_s, need_t)
+        if schedule == "two-pass":
+            return ops.trd_two_pass(s, t, *arguments, need_s, need_t)[0]
+    return ops.trd_loss_and_gradient(s, t, *arguments, chosen, schedule, need_s, need_t, "")[0]
+
+
+def _sharded_trd_loss(student, teacher, margin, mode, tokens_per_frame, backend, schedule, group) -> torch.Tensor:
+    from .sequence_parallel import announce_failure, naive_sharded_trd_loss
+
+    try:
+        s, t = check_shard(student, teacher, margin, mode, tokens_per_frame)
+        chosen = _check_options(s, t, backend, schedule)
+    except (TypeError, ValueError):
+        announce_failure(group, student)  # the other processes raise instead of waiting for this one
+        raise
+    arguments = (float(margin), mode, None if mode == "full" else tokens_per_frame)
+    if chosen == "naive":
+        return naive_sharded_trd_loss(s, t, *arguments, group)
+    need_s = torch.is_grad_enabled() and s.requires_grad
+    need_t = torch.is_grad_enabled() and t.requires_grad
+    return ops.trd_loss_and_gradient(s, t, *arguments, chosen, schedule, need_s, need_t, group.group_name)[0]

@@ -1,8 +1,11 @@
 """The paper's formulation: full N×N Gram matrices and autograd. Reference and benchmark baseline; O(N²) memory."""
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
+from .fused import differentiable_once
 from .normalization import compute_dtype
 from .validation import TRDProblem
 
@@ -13,13 +16,43 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.to(compute_dtype(x)), dim=-1).to(x.dtype)
 
 
+def _kept_sum(problem: TRDProblem, s_rows, t_rows, s_cols, t_cols) -> torch.Tensor:
+    """Σ relu(|Ŝ − T̂| − margin), float32, over the pairs the mode keeps: the problem's rows against all columns."""
+    excess = F.relu(((s_rows @ s_cols.mT) - (t_rows @ t_cols.mT)).abs() - problem.margin).float()
+    if problem.mode == "full":
+        return excess.sum()
+    frame = torch.arange(problem.tokens, device=excess.device) // problem.tokens_per_frame
+    same = frame[slice(*problem.row_range), None] == frame[None, :]
+    return excess[:, same if problem.mode == "spatial" else ~same].sum()
+
+
 def naive_trd_loss(problem: TRDProblem) -> torch.Tensor:
     s = _normalize(problem.student)
     t = _normalize(problem.teacher)
-    excess = F.relu(((s @ s.mT) - (t @ t.mT)).abs() - problem.margin)
-    if problem.mode == "full":
-        return excess.float().mean()
-    frame = torch.arange(problem.tokens, device=s.device) // problem.tokens_per_frame
-    same = frame[:, None] == frame[None, :]
-    keep = same if problem.mode == "spatial" else ~same
-    return excess.float()[:, keep].sum() / problem.num_pairs
+    return _kept_sum(problem, s, t, s, t) / problem.num_pairs
+
+
+class _Doubled(torch.autograd.Function):
+    """2·x, first-order only."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    @differentiable_once
+    def backward(ctx, grad):
+        return (2 * grad,)
+
+
+def naive_shard_trd_loss(problem: TRDProblem, student_rows: torch.Tensor, teacher_rows: torch.Tensor,
+                         all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The formula when the tokens are split across processes: `problem` holds every token as data, and this
+    process's rows (`student_rows`, `teacher_rows`, which carry autograd) meet all of them. `all_reduce` sums over
+    the processes. Each pair (j, i) of another process's rows holds these rows' tokens as columns and gives them
+    the gradient that (i, j) gives them as rows (both Gram matrices are symmetric), so the rows' own gradient,
+    doubled, is the exact one; the columns stay constants."""
+    own = _kept_sum(problem, _normalize(student_rows), _normalize(teacher_rows), _normalize(problem.student),
+                    _normalize(problem.teacher))
+    total = all_reduce(own.detach().double()).float()
+    return (total + (_Doubled.apply(own) - 2 * own.detach())) / problem.num_pairs

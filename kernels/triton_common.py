@@ -31,14 +31,14 @@ def wide_weights(dtype: torch.dtype) -> bool:
     return dtype == torch.float16
 
 
-def check_inputs(problem) -> None:
-    for name, x in (("student", problem.student), ("teacher", problem.teacher)):
+def check_inputs(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    for name, x in (("student", student), ("teacher", teacher)):
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"backend 'triton' takes float32, bfloat16 or float16 {name}, got {x.dtype}; "
                             "use backend='torch' for it")
-    if not (problem.student.is_cuda or interpreter_enabled()):
+    if not (student.is_cuda or interpreter_enabled()):
         raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device "
-                         f"{problem.student.device}; use backend='torch' or 'auto'")
+                         f"{student.device}; use backend='torch' or 'auto'")
 
 
 def device_of(x: torch.Tensor):
@@ -141,19 +141,27 @@ def _relu_excess(delta, keep, margin):
 
 
 @triton.jit
-def _band(m0, N, FRAME, BLOCK: tl.constexpr):
-    """First and last block of BLOCK tokens that share a frame with tokens m0 .. m0 + BLOCK − 1 (spatial mode)."""
+def _band(m0, row_end, N, FRAME, BLOCK: tl.constexpr):
+    """First and last column block of BLOCK tokens that share a frame with rows m0 .. min(m0 + BLOCK, row_end) − 1
+    (spatial mode). m0 need not be a multiple of BLOCK: a shard's rows start anywhere."""
     first = (m0 // FRAME) * FRAME // BLOCK
-    last_row = tl.minimum(m0 + BLOCK, N) - 1
+    last_row = tl.minimum(m0 + BLOCK, row_end) - 1
     last = (tl.minimum(N, (last_row // FRAME + 1) * FRAME) - 1) // BLOCK
     return first, last
 
 
 @triton.jit
-def _tile_index(I, J, NB, NBAND, MODE: tl.constexpr):
-    """Slot of upper-triangle tile (I, J ≥ I) in the per-tile buffers: the packed triangle, or for spatial mode a
-    band of NBAND tiles per row block. int64: slots times per-tile sizes pass 2³¹ at a few hundred thousand tokens."""
+def _tile_index(I, J, first, NB, NBAND, MODE: tl.constexpr, RECT: tl.constexpr):
+    """Slot of tile (row block I, column block J) in the per-tile buffers. The triangle (J ≥ I): packed, or for
+    spatial mode a band of NBAND tiles per row block starting at I. A rectangle (a shard's row blocks against all
+    column blocks): NB slots per row block, or for spatial mode NBAND starting at the band's first column block
+    `first`. int64: slots times per-tile sizes pass 2³¹ at a few hundred thousand tokens."""
     row = tl.cast(I, tl.int64)
     if MODE == 1:
+        if RECT:
+            return row * NBAND + (J - first)
         return row * NBAND + (J - I)
+    if RECT:
+        return row * NB + J
     return row * NB - (row * (row - 1)) // 2 + (J - I)
+

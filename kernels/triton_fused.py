@@ -40,7 +40,7 @@ def _add_rows(OUT, X, b, rows, row_ok, cols, col_ok, w, accumulate, D,
 @triton.jit
 def _fused_kernel(
     S, T, RS, RT, LOSS_ROWS, GS, GT,
-    N, DS, DT, FRAME, margin,
+    N, ROW0, ROW_END, DS, DT, FRAME, margin,
     s_stride_b, s_stride_n, s_stride_d, t_stride_b, t_stride_n, t_stride_d,
     gs_stride_b, gs_stride_n, gt_stride_b, gt_stride_n,
     MODE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, WIDE_S: tl.constexpr, WIDE_T: tl.constexpr,
@@ -49,15 +49,18 @@ def _fused_kernel(
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    m0 = pid_m * BLOCK_M
+    # Rows ROW0 .. ROW_END − 1 of the N tokens (all of them, or this process's share) against every column; the
+    # outputs hold those rows only, from 0.
+    m0 = ROW0 + pid_m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
+    row_ok = rows < ROW_END
+    out_rows = rows - ROW0
     # Masked rows and columns read inverse norms of 1, which keeps the ratios below finite; the keep mask drops them.
     rs_rows = tl.load(RS + b * N + rows, mask=row_ok, other=1.0)
     rt_rows = tl.load(RT + b * N + rows, mask=row_ok, other=1.0)
     if MODE == 1:  # spatial: only the columns of the frames that rows m0 .. m0 + BLOCK_M − 1 lie in
         j_lo = (m0 // FRAME) * FRAME
-        j_hi = tl.minimum(N, ((tl.minimum(m0 + BLOCK_M, N) - 1) // FRAME + 1) * FRAME)
+        j_hi = tl.minimum(N, ((tl.minimum(m0 + BLOCK_M, ROW_END) - 1) // FRAME + 1) * FRAME)
     else:
         j_lo = 0
         j_hi = N
@@ -86,15 +89,15 @@ def _fused_kernel(
             accumulate = tl.full((1,), j0, tl.int32) > j_lo  # a tensor, so it can join load masks
             # Rows I gain Σ_j g_ij x̂_j = (g·diag(r_J)) @ X_J.
             if GRAD_S:
-                _add_rows(GS, S, b, rows, row_ok, cols, col_ok, g * rs_cols[None, :], accumulate, DS, s_stride_b,
-                          s_stride_n, s_stride_d, gs_stride_b, gs_stride_n, BLOCK_D, WIDE_S, PRECISION_S)
+                _add_rows(GS, S, b, out_rows, row_ok, cols, col_ok, g * rs_cols[None, :], accumulate, DS,
+                          s_stride_b, s_stride_n, s_stride_d, gs_stride_b, gs_stride_n, BLOCK_D, WIDE_S, PRECISION_S)
             if GRAD_T:
-                _add_rows(GT, T, b, rows, row_ok, cols, col_ok, g * rt_cols[None, :], accumulate, DT, t_stride_b,
-                          t_stride_n, t_stride_d, gt_stride_b, gt_stride_n, BLOCK_D, WIDE_T, PRECISION_T)
+                _add_rows(GT, T, b, out_rows, row_ok, cols, col_ok, g * rt_cols[None, :], accumulate, DT,
+                          t_stride_b, t_stride_n, t_stride_d, gt_stride_b, gt_stride_n, BLOCK_D, WIDE_T, PRECISION_T)
             # The next column tile re-reads these rows, stored from another register layout by other threads.
             tl.debug_barrier()
 
-    tl.store(LOSS_ROWS + b * N + rows, loss_rows, mask=row_ok)
+    tl.store(LOSS_ROWS + b * (ROW_END - ROW0) + out_rows, loss_rows, mask=row_ok)
 
 
 def _config(num_warps, num_stages, block_m, block_n, block_k, block_d):
@@ -124,32 +127,35 @@ def select_config(problem: TRDProblem) -> LaunchConfig:
 
 
 def fused_launch(problem: TRDProblem, r_s, r_t, need_s: bool, need_t: bool, config: LaunchConfig):
-    """(kernel, grid, args, kwargs, (loss_rows, Σ g ŝ or None, Σ g t̂ or None)) of one fused launch."""
+    """(kernel, grid, args, kwargs, (loss_rows, Σ g ŝ or None, Σ g t̂ or None)) of one fused launch, for the
+    problem's rows (all N, or this process's share) against all N columns."""
     s, t = problem.student, problem.teacher
-    batch, tokens, device = problem.batch, problem.tokens, s.device
-    grad_s = new_output((batch, tokens, s.shape[2]), device) if need_s else None
-    grad_t = new_output((batch, tokens, t.shape[2]), device) if need_t else None
-    loss_rows = new_output((batch, tokens), device)
+    batch, device = problem.batch, s.device
+    start, end = problem.row_range
+    grad_s = new_output((batch, end - start, s.shape[2]), device) if need_s else None
+    grad_t = new_output((batch, end - start, t.shape[2]), device) if need_t else None
+    loss_rows = new_output((batch, end - start), device)
     # An untouched gradient still needs a pointer argument: the loss buffer stands in.
     gs = loss_rows if grad_s is None else grad_s
     gt = loss_rows if grad_t is None else grad_t
-    args = (s, t, r_s, r_t, loss_rows, gs, gt, tokens, s.shape[2], t.shape[2], problem.tokens_per_frame,
-            problem.margin, *s.stride(), *t.stride(), gs.stride(0), gs.stride(1), gt.stride(0), gt.stride(1))
+    args = (s, t, r_s, r_t, loss_rows, gs, gt, problem.tokens, start, end, s.shape[2], t.shape[2],
+            problem.tokens_per_frame, problem.margin, *s.stride(), *t.stride(), gs.stride(0), gs.stride(1),
+            gt.stride(0), gt.stride(1))
     kwargs = dict(MODE=MODE_IDS[problem.mode], GRAD_S=need_s, GRAD_T=need_t, WIDE_S=wide_weights(s.dtype),
                   WIDE_T=wide_weights(t.dtype), PRECISION_S=dot_precision(s.dtype),
                   PRECISION_T=dot_precision(t.dtype),
                   **{**config.launch_kwargs(), "BLOCK_K": fitted_block(config["BLOCK_K"], max(s.shape[2], t.shape[2])),
                      "BLOCK_D": fitted_block(config["BLOCK_D"], max(s.shape[2], t.shape[2]))})
-    grid = (triton.cdiv(tokens, config["BLOCK_M"]), batch)
+    grid = (triton.cdiv(end - start, config["BLOCK_M"]), batch)
     return _fused_kernel, grid, args, kwargs, (loss_rows, grad_s, grad_t)
 
 
-def fused_engine(problem: TRDProblem, norms_s, norms_t, need_s: bool, need_t: bool,
-                 config: LaunchConfig | None = None):
-    """Per-clip loss sums and the unscaled gradients Σ_j g_ij x̂_j (float32) for `fused.fused_trd_loss`."""
-    check_inputs(problem)
+def fused_engine(problem: TRDProblem, norms_s, norms_t, need_s: bool, need_t: bool):
+    """Per-clip loss sums of the problem's rows and their unscaled gradients Σ_j g_ij x̂_j (float32), for
+    `fused.rows_engine`."""
+    check_inputs(problem.student, problem.teacher)
     kernel, grid, args, kwargs, (loss_rows, grad_s, grad_t) = fused_launch(
-        problem, norms_s[0], norms_t[0], need_s, need_t, config or select_config(problem))
+        problem, norms_s[0], norms_t[0], need_s, need_t, select_config(problem))
     with device_of(problem.student):
         kernel[grid](*args, **kwargs)
     return loss_rows.sum(dim=1, dtype=torch.float64), grad_s, grad_t

@@ -14,22 +14,23 @@ epilogue applies the normalisation's backward and grad_output, and stores the gr
 The map costs one byte per pair of the triangle, B·N²/2 bytes. A 2-bit map (B·N²/8) was the first version: its
 unpacking (shifts, masks, broadcast shared-memory loads) took 922–980 SASS instructions per warp for each 128-pair
 step of pass 2 against 1,024 cycles of tensor-core work, so pass 2 could not pass ~52 % of the matmul rate; reading
-int8 takes 404–578 (bench/NOTES.md v4).
+int8 takes 430–588 (bench/NOTES.md v4).
 
 Spatial mode visits only the band of tiles that share a frame; temporal mode masks same-frame pairs.
-"""
 
-import dataclasses
+When the tokens are split across processes (sequence parallelism), a process computes only its share of the rows
+against all columns: pass 1 walks that rectangle of tiles (each pair once, so no mirrors and no column partials)
+and pass 2 reads its tiles as stored. `two_pass_engine` then runs both passes in forward.
+"""
 
 import torch
 import triton
 import triton.language as tl
 
-from .fused import differentiable_once
 from .normalization import EPS
 from .triton_common import (MODE_IDS, LaunchConfig, _band, _gram, _kept_pairs, _relu_excess, _tile_index,
-                            _weighted_dot, check_inputs, device_of, dot_precision,
-                            dtype_family, fitted_block, interpreter_enabled, new_output, wide_weights)
+                            _weighted_dot, check_inputs, device_of, dot_precision, dtype_family, fitted_block,
+                            interpreter_enabled, new_output, wide_weights)
 from .validation import TRDProblem
 
 
@@ -65,15 +66,26 @@ def _triangle_row(p, n):
 
 
 @triton.jit
-def _pass1_tile(pid, N, FRAME, NB, NBAND, MODE: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
-    """(I, J, valid) of program `pid`. Spatial: NBAND tiles per row block along its band. Otherwise an upper
-    triangle of GROUP × GROUP super-tiles walked column by column inside each, so consecutive programs share
-    column tiles and row tiles stay in L2; programs that land below the diagonal or past N do nothing."""
+def _pass1_tile(pid, ROW0, ROW_END, N, FRAME, NB, NBR, NBAND, MODE: tl.constexpr, RECT: tl.constexpr,
+                BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """(I, J, valid, first) of program `pid`; `first` is the row block's first band tile (spatial) or 0.
+    Spatial: NBAND tiles per row block along its band. Triangle: GROUP × GROUP super-tiles walked column by column
+    inside each, so consecutive programs share column tiles and row tiles stay in L2; programs that land below
+    the diagonal or past N do nothing. Rectangle (a shard's NBR row blocks × all NB column blocks): GROUP row
+    blocks at a time, column by column, as in Triton's matmul tutorial."""
+    first = 0
     if MODE == 1:
         row_block = pid // NBAND
-        col_block = row_block + pid % NBAND
-        _, last = _band(row_block * BLOCK, N, FRAME, BLOCK)
+        first, last = _band(ROW0 + row_block * BLOCK, ROW_END, N, FRAME, BLOCK)
+        col_block = (first if RECT else row_block) + pid % NBAND
         valid = col_block <= last
+    elif RECT:
+        width = GROUP * NB
+        first_row = (pid // width) * GROUP
+        rows_here = tl.minimum(NBR - first_row, GROUP)
+        row_block = first_row + (pid % width) % rows_here
+        col_block = (pid % width) // rows_here
+        valid = row_block < NBR
     else:
         supers = (NB + GROUP - 1) // GROUP
         p = pid // (GROUP * GROUP)
@@ -83,27 +95,28 @@ def _pass1_tile(pid, N, FRAME, NB, NBAND, MODE: tl.constexpr, BLOCK: tl.constexp
         row_block = super_row * GROUP + local % GROUP
         col_block = super_col * GROUP + local // GROUP
         valid = (row_block <= col_block) & (col_block < NB)
-    return row_block, col_block, valid
+    return row_block, col_block, valid, first
 
 
 @triton.jit
 def _pass1_kernel(
     S, T, RS, RT, LOSS_PART, MAP, CPART,
-    N, DS, DT, FRAME, NB, NBAND, NTILES, margin,
+    N, ROW0, ROW_END, DS, DT, FRAME, NB, NBR, NBAND, NTILES, margin,
     s_stride_b, s_stride_n, s_stride_d, t_stride_b, t_stride_n, t_stride_d,
-    MODE: tl.constexpr, WRITE_MAP: tl.constexpr, C_S: tl.constexpr, C_T: tl.constexpr, NWHO: tl.constexpr,
-    WIDE_S: tl.constexpr, WIDE_T: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    PRECISION_S: tl.constexpr, PRECISION_T: tl.constexpr,
+    MODE: tl.constexpr, RECT: tl.constexpr, WRITE_MAP: tl.constexpr, C_S: tl.constexpr, C_T: tl.constexpr,
+    NWHO: tl.constexpr, WIDE_S: tl.constexpr, WIDE_T: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr, PRECISION_S: tl.constexpr, PRECISION_T: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
-    row_block, col_block, valid = _pass1_tile(tl.program_id(0), N, FRAME, NB, NBAND, MODE, BLOCK, GROUP)
+    row_block, col_block, valid, first = _pass1_tile(tl.program_id(0), ROW0, ROW_END, N, FRAME, NB, NBR, NBAND,
+                                                     MODE, RECT, BLOCK, GROUP)
     if valid:
         local = tl.arange(0, BLOCK)
-        rows = row_block * BLOCK + local
+        rows = ROW0 + row_block * BLOCK + local
         cols = col_block * BLOCK + local
-        row_ok = rows < N
+        row_ok = rows < ROW_END
         col_ok = cols < N
-        # Tokens past N read inverse norm 0: their Ŝ and T̂ are 0 and the keep mask drops them.
+        # Tokens past the rows or N read inverse norm 0: their Ŝ and T̂ are 0 and the keep mask drops them.
         rt_rows = tl.load(RT + b * N + rows, mask=row_ok, other=0.0)
         rt_cols = tl.load(RT + b * N + cols, mask=col_ok, other=0.0)
         rs_rows = tl.load(RS + b * N + rows, mask=row_ok, other=0.0)
@@ -116,22 +129,25 @@ def _pass1_kernel(
         s_hat = s_hat * rs_rows[:, None] * rs_cols[None, :]
         delta = s_hat - t_hat
         excess = _relu_excess(delta, _kept_pairs(rows, cols, row_ok, col_ok, FRAME, MODE), margin)
-        slot = _tile_index(row_block, col_block, NB, NBAND, MODE)
-        weight = tl.where(row_block == col_block, 1.0, 2.0)  # off the diagonal the tile also stands for (J, I)
+        slot = _tile_index(row_block, col_block, first, NB, NBAND, MODE, RECT)
+        if RECT:  # a rectangle visits every pair itself
+            weight = 1.0
+        else:  # off the triangle's diagonal a tile also stands for its mirror (J, I)
+            weight = tl.where(row_block == col_block, 1.0, 2.0)
         tl.store(LOSS_PART + b * NTILES + slot, tl.sum(tl.sum(excess, axis=1), axis=0) * weight)
         if WRITE_MAP:
             g = tl.where(excess > 0, tl.where(delta > 0, 1.0, -1.0), 0.0)
             # Radial terms x̂_i·dx̂_i = Σ_j g_ij Ŝ_ij: row sums feed tokens I, column sums tokens J (through the
-            # mirror tile). Pass 2 weights column j by r_j rounded to the input dtype; the same rounding here
-            # keeps the radial term exactly the one of the dx̂ that pass 2 computes, so their difference (the
-            # gradient) does not inherit that rounding, even when it is much smaller than either.
+            # mirror tile; a rectangle needs none). Pass 2 weights column j by r_j rounded to the input dtype; the
+            # same rounding here keeps the radial term exactly the one of the dx̂ that pass 2 computes, so their
+            # difference (the gradient) does not inherit that rounding, even when it is much smaller than either.
             partials = CPART + (b * NTILES + slot) * (NWHO * 2 * BLOCK)
             if C_S:
                 _store_radial(partials, g * s_hat, _rounding(rs_rows, S, WIDE_S), _rounding(rs_cols, S, WIDE_S),
-                              BLOCK)
+                              not RECT, BLOCK)
             if C_T:
                 _store_radial(partials + (NWHO - 1) * 2 * BLOCK, g * t_hat, _rounding(rt_rows, T, WIDE_T),
-                              _rounding(rt_cols, T, WIDE_T), BLOCK)
+                              _rounding(rt_cols, T, WIDE_T), not RECT, BLOCK)
             tl.store(MAP + (b * NTILES + slot) * (BLOCK * BLOCK) + local[:, None] * BLOCK + local[None, :],
                      g.to(tl.int8))
 
@@ -146,10 +162,11 @@ def _rounding(scale, X, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _store_radial(partials, g_hat, row_rounding, col_rounding, BLOCK: tl.constexpr):
+def _store_radial(partials, g_hat, row_rounding, col_rounding, COLUMNS: tl.constexpr, BLOCK: tl.constexpr):
     local = tl.arange(0, BLOCK)
     tl.store(partials + local, tl.sum(g_hat * col_rounding[None, :], axis=1))
-    tl.store(partials + BLOCK + local, tl.sum(g_hat * row_rounding[:, None], axis=0))
+    if COLUMNS:
+        tl.store(partials + BLOCK + local, tl.sum(g_hat * row_rounding[:, None], axis=0))
 
 
 @triton.jit
@@ -174,35 +191,39 @@ def _add_columns(acc, MAP, b, NTILES, slot, X, R, N, col_block, ds, d_ok, x_stri
 
 @triton.jit
 def _pass2_kernel(
-    X, R, Q, MAP, CPART, CLIP_SUMS, GRAD_OUT, OUT, scale,
-    N, D, FRAME, NB, NBAND, NTILES,
+    X, R, Q, MAP, CPART, COEF, OUT,
+    N, ROW0, ROW_END, D, FRAME, NB, NBAND, NTILES,
     x_stride_b, x_stride_n, x_stride_d, out_stride_b, out_stride_n,
-    MODE: tl.constexpr, WHO: tl.constexpr, NWHO: tl.constexpr, WIDE: tl.constexpr,
+    MODE: tl.constexpr, RECT: tl.constexpr, WHO: tl.constexpr, NWHO: tl.constexpr, WIDE: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     row_block = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
     local = tl.arange(0, BLOCK)
-    rows = row_block * BLOCK + local
-    row_ok = rows < N
+    rows = ROW0 + row_block * BLOCK + local
+    row_ok = rows < ROW_END
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = ds < D
     if MODE == 1:
-        first, last = _band(row_block * BLOCK, N, FRAME, BLOCK)
+        first, last = _band(ROW0 + row_block * BLOCK, ROW_END, N, FRAME, BLOCK)
     else:
         first = 0
         last = NB - 1
     partial_row = CPART + b * NTILES * (NWHO * 2 * BLOCK) + WHO * 2 * BLOCK + local
     acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
     radial = tl.zeros((BLOCK,), dtype=tl.float32)
-    # J < I: only (J, I) was visited; its map and column partials, transposed, hold the pairs (i in I, j in J).
-    for col_block in range(first, row_block):
-        slot = _tile_index(col_block, row_block, NB, NBAND, MODE)
-        radial += tl.load(partial_row + slot * (NWHO * 2 * BLOCK) + BLOCK)
-        acc = _add_columns(acc, MAP, b, NTILES, slot, X, R, N, col_block, ds, d_ok, x_stride_b, x_stride_n,
-                           x_stride_d, True, WIDE, BLOCK, PRECISION)
-    for col_block in range(row_block, last + 1):
-        slot = _tile_index(row_block, col_block, NB, NBAND, MODE)
+    if RECT:  # every tile of the row blocks was visited as it is
+        start = first
+    else:
+        # J < I: only (J, I) was visited; its map and column partials, transposed, hold the pairs (i in I, j in J).
+        for col_block in range(first, row_block):
+            slot = _tile_index(col_block, row_block, first, NB, NBAND, MODE, RECT)
+            radial += tl.load(partial_row + slot * (NWHO * 2 * BLOCK) + BLOCK)
+            acc = _add_columns(acc, MAP, b, NTILES, slot, X, R, N, col_block, ds, d_ok, x_stride_b, x_stride_n,
+                               x_stride_d, True, WIDE, BLOCK, PRECISION)
+        start = row_block
+    for col_block in range(start, last + 1):
+        slot = _tile_index(row_block, col_block, first, NB, NBAND, MODE, RECT)
         radial += tl.load(partial_row + slot * (NWHO * 2 * BLOCK))
         acc = _add_columns(acc, MAP, b, NTILES, slot, X, R, N, col_block, ds, d_ok, x_stride_b, x_stride_n,
                            x_stride_d, False, WIDE, BLOCK, PRECISION)
@@ -211,19 +232,15 @@ def _pass2_kernel(
     q = tl.load(Q + b * N + rows, mask=row_ok, other=0.0)
     mask = row_ok[:, None] & d_ok[None, :]
     x = tl.load(X + b * x_stride_b + rows[:, None] * x_stride_n + ds[None, :] * x_stride_d, mask=mask, other=0.0)
-    # scale = ±2/P: the pair (i, j) and its mirror (j, i) both hold x̂_i, and Δ = Ŝ − T̂ flips the teacher's sign.
-    # Adding 0·(the clip's loss sum) makes the gradient of a clip whose loss is NaN all NaN, as PyTorch's formula.
-    coef = tl.load(GRAD_OUT).to(tl.float32) * scale + 0.0 * tl.load(CLIP_SUMS + b).to(tl.float32)
-    grad = coef * (r[:, None] * acc - (q * radial)[:, None] * x.to(tl.float32))
-    tl.store(OUT + b * out_stride_b + rows[:, None] * out_stride_n + ds[None, :],
+    grad = tl.load(COEF + b) * (r[:, None] * acc - (q * radial)[:, None] * x.to(tl.float32))
+    tl.store(OUT + b * out_stride_b + (rows - ROW0)[:, None] * out_stride_n + ds[None, :],
              grad.to(OUT.dtype.element_ty), mask=mask)
 
 
 # Launch configurations by rule (no timing), so every process runs the same tiles and gets the same bits. Chosen
 # from sm_90 compiles (bench/compile_report.py; bench/NOTES.md v4): the first of each list is the default, the
-# others are what `select_configs` falls back to and what bench/sweep_configs.py times on a GPU. Pass 1 only
-# multiplies in the input dtype (bf16 and fp16 alike); pass 2's float16 weights are float32 (three-TF32), which
-# needs smaller tiles.
+# others are what `select_configs` falls back to and what a GPU sweep should time. Pass 1 only multiplies in the
+# input dtype (bf16 and fp16 alike); pass 2's float16 weights are float32 (three-TF32), which needs smaller tiles.
 PASS1_CANDIDATES = {
     "bf16": [LaunchConfig.of(8, 3, BLOCK=128, BLOCK_K=64), LaunchConfig.of(4, 3, BLOCK=64, BLOCK_K=64),
              LaunchConfig.of(8, 4, BLOCK=64, BLOCK_K=64)],
@@ -238,6 +255,10 @@ PASS2_CANDIDATES = {
 }
 # The interpreter's configuration: small tiles keep it fast, GROUP = 2 walks real super-tiles.
 INTERPRETER_CONFIGS = (LaunchConfig.of(1, 1, BLOCK=32, BLOCK_K=32), LaunchConfig.of(1, 1, BLOCK_D=32), 2)
+# schedule="auto" takes the two-pass schedule while what it keeps between its passes fits this budget: the int8
+# pair map (B·N²/2 bytes) and, per gradient, radial partials of 1/16 of that (128-token tiles). At B = 4,
+# N = 3,600 that is 28.5 + 1.8 MB; at B = 1, N = 32,400, 531 + 33 MB; the budget holds B·N² up to ~8e9.
+TWO_PASS_MAX_BYTES = 4 << 30
 # Row-tile operands (both inputs) above this many bytes no longer stay in L2 across a row of tiles: group them.
 L2_GROUP_BYTES = 16 << 20
 
@@ -259,13 +280,35 @@ def select_configs(problem: TRDProblem, need_s: bool, need_t: bool) -> tuple[Lau
     return pass1, PASS2_CANDIDATES[family][0], 8 if operand_bytes > L2_GROUP_BYTES else 1
 
 
-def tile_grid(problem: TRDProblem, block: int) -> tuple[int, int, int]:
-    """(row blocks NB, band tiles per row block NBAND, per-tile slots NTILES)."""
+def pass2_layout(configs) -> list[int]:
+    """What pass 2 needs of a problem's launch configurations, as integers an operator takes: pass 1's tile
+    (the map's layout) and pass 2's own configuration."""
+    pass1, pass2, _ = configs
+    return [pass1["BLOCK"], pass2["BLOCK_D"], pass2.num_warps, pass2.num_stages]
+
+
+def configs_of_layout(layout: list[int]):
+    """Launch configurations for `pass2_launch` from `pass2_layout`'s integers (pass 1's other fields unused)."""
+    block, block_d, num_warps, num_stages = layout
+    return LaunchConfig.of(0, 0, BLOCK=block), LaunchConfig.of(num_warps, num_stages, BLOCK_D=block_d), 1
+
+
+def tile_grid(problem: TRDProblem, block: int) -> tuple[int, int, int, int]:
+    """(column blocks NB, row blocks NBR, band tiles per row block NBAND, per-tile slots NTILES): the triangle of
+    all N tokens, or for a share of the rows (`problem.rows`) a rectangle of its row blocks against all columns."""
     blocks = triton.cdiv(problem.tokens, block)
-    if problem.mode == "spatial":
-        band = min(blocks, (block + problem.tokens_per_frame - 2) // block + 1)
-        return blocks, band, blocks * band
-    return blocks, 1, blocks * (blocks + 1) // 2
+    frame = problem.tokens_per_frame
+    if problem.rows is None:
+        if problem.mode == "spatial":  # tiles J >= I that share a frame with row block I
+            band = min(blocks, (block + frame - 2) // block + 1)
+            return blocks, blocks, band, blocks * band
+        return blocks, blocks, 1, blocks * (blocks + 1) // 2
+    start, end = problem.rows
+    row_blocks = triton.cdiv(end - start, block)
+    if problem.mode == "spatial":  # rows start anywhere: their frames span up to BLOCK + 2·FRAME − 2 columns
+        band = min(blocks, (block + 2 * frame - 3) // block + 2)
+        return blocks, row_blocks, band, row_blocks * band
+    return blocks, row_blocks, 1, row_blocks * blocks
 
 
 def pair_map_bytes(problem: TRDProblem, need_s: bool, need_t: bool) -> int:
@@ -273,7 +316,7 @@ def pair_map_bytes(problem: TRDProblem, need_s: bool, need_t: bool) -> int:
     if not (need_s or need_t):
         return 0
     block = select_configs(problem, need_s, need_t)[0]["BLOCK"]
-    tiles = problem.batch * tile_grid(problem, block)[2]
+    tiles = problem.batch * tile_grid(problem, block)[3]
     return tiles * (block * block + (need_s + need_t) * 2 * block * 4)
 
 
@@ -283,7 +326,7 @@ def pass1_launch(problem, r_s, r_t, need_s: bool, need_t: bool, configs):
     pass1, _, group = configs
     block = pass1["BLOCK"]
     s, t = problem.student, problem.teacher
-    blocks, band, tiles = tile_grid(problem, block)
+    blocks, row_blocks, band, tiles = tile_grid(problem, block)
     write_map = need_s or need_t
     nwho = int(need_s) + int(need_t)
     # Spatial mode launches NBAND programs per row block, some past the band's end: their slots stay 0.
@@ -292,33 +335,36 @@ def pass1_launch(problem, r_s, r_t, need_s: bool, need_t: bool, configs):
     if write_map:
         pair_map = new_output((problem.batch, tiles, block, block), s.device, torch.int8)
         radial = new_output((problem.batch, tiles, nwho, 2, block), s.device)
-    if problem.mode == "spatial":
+    if problem.mode == "spatial" or problem.rows is not None:
         programs = tiles
     else:
         supers = triton.cdiv(blocks, group)
         programs = supers * (supers + 1) // 2 * group * group
-    args = (s, t, r_s, r_t, loss_part, pair_map, radial, problem.tokens, s.shape[2], t.shape[2],
-            problem.tokens_per_frame, blocks, band, tiles, problem.margin, *s.stride(), *t.stride())
-    kwargs = dict(MODE=MODE_IDS[problem.mode], WRITE_MAP=write_map, C_S=need_s, C_T=need_t, NWHO=max(nwho, 1),
-                  WIDE_S=wide_weights(s.dtype), WIDE_T=wide_weights(t.dtype), GROUP=group,
-                  PRECISION_S=dot_precision(s.dtype), PRECISION_T=dot_precision(t.dtype),
+    args = (s, t, r_s, r_t, loss_part, pair_map, radial, problem.tokens, *problem.row_range, s.shape[2],
+            t.shape[2], problem.tokens_per_frame, blocks, row_blocks, band, tiles, problem.margin, *s.stride(),
+            *t.stride())
+    kwargs = dict(MODE=MODE_IDS[problem.mode], RECT=problem.rows is not None, WRITE_MAP=write_map, C_S=need_s,
+                  C_T=need_t, NWHO=max(nwho, 1), WIDE_S=wide_weights(s.dtype), WIDE_T=wide_weights(t.dtype),
+                  GROUP=group, PRECISION_S=dot_precision(s.dtype), PRECISION_T=dot_precision(t.dtype),
                   **{**pass1.launch_kwargs(), "BLOCK_K": fitted_block(pass1["BLOCK_K"], max(s.shape[2], t.shape[2]))})
     return _pass1_kernel, (programs, problem.batch), args, kwargs, (loss_part, pair_map, radial)
 
 
-def pass2_launch(problem, x, r, q, pair_map, radial, clip_sums, grad_output, sign: float, who: int, nwho: int,
-                 configs):
-    """(kernel, grid, args, kwargs, gradient) of pass 2 for input x (the student's, sign 1, or the teacher's, −1)."""
+def pass2_launch(problem, x, r, q, pair_map, radial, coef, who: int, nwho: int, configs):
+    """(kernel, grid, args, kwargs, gradient) of pass 2 for input x (the student's or the teacher's, all N
+    tokens): the gradient of the problem's rows."""
     pass1, pass2, _ = configs
     block = pass1["BLOCK"]
-    blocks, band, tiles = tile_grid(problem, block)
-    out = new_output(x.shape, x.device, x.dtype)
+    blocks, row_blocks, band, tiles = tile_grid(problem, block)
+    start, end = problem.row_range
+    out = new_output((x.shape[0], end - start, x.shape[2]), x.device, x.dtype)
     block_d = fitted_block(pass2["BLOCK_D"], x.shape[2])
-    grid = (blocks, triton.cdiv(x.shape[2], block_d), problem.batch)
-    args = (x, r, q, pair_map, radial, clip_sums, grad_output, out, sign * 2.0 / problem.num_pairs, problem.tokens,
-            x.shape[2], problem.tokens_per_frame, blocks, band, tiles, *x.stride(), out.stride(0), out.stride(1))
-    kwargs = dict(MODE=MODE_IDS[problem.mode], WHO=who, NWHO=nwho, WIDE=wide_weights(x.dtype), BLOCK=block,
-                  PRECISION=dot_precision(x.dtype), **{**pass2.launch_kwargs(), "BLOCK_D": block_d})
+    grid = (row_blocks, triton.cdiv(x.shape[2], block_d), problem.batch)
+    args = (x, r, q, pair_map, radial, coef, out, problem.tokens, start, end, x.shape[2],
+            problem.tokens_per_frame, blocks, band, tiles, *x.stride(), out.stride(0), out.stride(1))
+    kwargs = dict(MODE=MODE_IDS[problem.mode], RECT=problem.rows is not None, WHO=who, NWHO=nwho,
+                  WIDE=wide_weights(x.dtype), BLOCK=block, PRECISION=dot_precision(x.dtype),
+                  **{**pass2.launch_kwargs(), "BLOCK_D": block_d})
     return _pass2_kernel, grid, args, kwargs, out
 
 
@@ -343,50 +389,47 @@ def clip_sum(loss_part: torch.Tensor) -> torch.Tensor:
     return loss_part.sum(dim=1, dtype=torch.float64)
 
 
-class _TwoPassTRD(torch.autograd.Function):
-    """Pass 1 in forward (loss; map and radial partials saved); pass 2 in backward, scaled by grad_output."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, problem, need_s, need_t, configs):
-        (r_s, q_s), (r_t, q_t) = launch(*norms_launch(student)), launch(*norms_launch(teacher))
+def two_pass_forward(problem: TRDProblem, need_s: bool, need_t: bool, configs):
+    """Pass 1: (per-clip loss sums of the problem's rows, pair map, radial partials); the map and partials are
+    stand-ins unless a gradient is wanted."""
+    check_inputs(problem.student, problem.teacher)
+    with device_of(problem.student):
+        r_s, r_t = launch(*norms_launch(problem.student))[0], launch(*norms_launch(problem.teacher))[0]
         loss_part, pair_map, radial = launch(*pass1_launch(problem, r_s, r_t, need_s, need_t, configs))
-        clip_sums = clip_sum(loss_part)
-        # Shapes only: the inputs themselves are saved below, and only those that get a gradient.
-        ctx.problem = dataclasses.replace(problem, student=student.to("meta"), teacher=teacher.to("meta"))
-        ctx.configs, ctx.need = configs, (need_s, need_t)
-        saved_s = (student, r_s, q_s) if need_s else (None,) * 3
-        saved_t = (teacher, r_t, q_t) if need_t else (None,) * 3
-        ctx.save_for_backward(clip_sums, pair_map, radial, *saved_s, *saved_t)
-        return (clip_sums.sum() / problem.num_pairs).float()
-
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, grad_output):
-        clip_sums, pair_map, radial, *inputs = ctx.saved_tensors
-        need_s, need_t = ctx.need
-        nwho = int(need_s) + int(need_t)
-        grad_s = grad_t = None
-        with device_of(pair_map):
-            if need_s:
-                grad_s = launch(*pass2_launch(ctx.problem, *inputs[:3], pair_map, radial, clip_sums, grad_output,
-                                              1.0, 0, nwho, ctx.configs))
-            if need_t:
-                grad_t = launch(*pass2_launch(ctx.problem, *inputs[3:], pair_map, radial, clip_sums, grad_output,
-                                              -1.0, nwho - 1, nwho, ctx.configs))
-        return grad_s, grad_t, None, None, None, None
+    return clip_sum(loss_part), pair_map, radial
 
 
-def two_pass_trd_loss(problem: TRDProblem, configs=None) -> torch.Tensor:
-    check_inputs(problem)
-    s, t = problem.student, problem.teacher
-    need_s = torch.is_grad_enabled() and s.requires_grad
-    need_t = torch.is_grad_enabled() and t.requires_grad
-    configs = configs or select_configs(problem, need_s, need_t)
-    # Autocast off: the kernels take the inputs in the dtypes they arrive in, whatever the step's autocast says.
-    with torch.autocast(s.device.type, enabled=False), device_of(s):
-        if not (need_s or need_t):
-            with torch.no_grad():
-                r_s, r_t = launch(*norms_launch(s))[0], launch(*norms_launch(t))[0]
-                clip_sums = clip_sum(launch(*pass1_launch(problem, r_s, r_t, False, False, configs))[0])
-            return (clip_sums.sum() / problem.num_pairs).float()
-        return _TwoPassTRD.apply(s, t, problem, need_s, need_t, configs)
+def two_pass_gradient(problem: TRDProblem, x, pair_map, radial, coef, who: int, nwho: int, configs):
+    """Pass 2: dL/dx of the problem's rows for x (all N tokens of the student or of the teacher), from pass 1's
+    map and partials; coef per clip is 2/P times grad_output, negated for the teacher."""
+    with device_of(x):
+        r, q = launch(*norms_launch(x))
+        return launch(*pass2_launch(problem, x, r, q, pair_map, radial, coef, who, nwho, configs))
+
+
+def two_pass_engine(problem: TRDProblem, need_s: bool, need_t: bool):
+    """Both passes in one call (a `fused.Engine`): for a share of the rows, whose gradient is computed in forward
+    so that backward needs neither the other processes nor their tokens, and for the loss alone."""
+    configs = select_configs(problem, need_s, need_t)
+    clip_sums, pair_map, radial = two_pass_forward(problem, need_s, need_t, configs)
+    nwho = int(need_s) + int(need_t)
+
+    def finish(scale):
+        coef = scale.float()
+        grad_s = two_pass_gradient(problem, problem.student, pair_map, radial, coef, 0, nwho, configs) \
+            if need_s else None
+        grad_t = two_pass_gradient(problem, problem.teacher, pair_map, radial, -coef, nwho - 1, nwho, configs) \
+            if need_t else None
+        return grad_s, grad_t
+
+    return clip_sums, finish
+
+
+def resolve_schedule(problem: TRDProblem, schedule: str, need_s: bool, need_t: bool) -> str:
+    """"two-pass" or "fused" for schedule "auto", "two-pass" or "fused": "auto" takes two-pass while what it keeps
+    between its passes fits `TWO_PASS_MAX_BYTES`; the loss alone is pass 1 without a map, the least work."""
+    if not (need_s or need_t):
+        return "two-pass"
+    if schedule == "auto":
+        return "two-pass" if pair_map_bytes(problem, need_s, need_t) <= TWO_PASS_MAX_BYTES else "fused"
+    return schedule

@@ -1,6 +1,7 @@
 """Argument checks shared by every TRD backend: bad input fails here, with the argument named, never deep in a kernel."""
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -19,6 +20,9 @@ class TRDProblem:
     mode: str
     tokens_per_frame: int  # N for mode "full": one frame holding every token
     num_pairs: int  # pairs the mode keeps, summed over the batch: the mean's denominator
+    # The token rows [start, end) this process computes against every column, when the tokens are split across
+    # processes (sequence parallelism). None: all rows, and the engines may use the Gram matrices' symmetry.
+    rows: Optional[tuple[int, int]] = None
 
     @property
     def batch(self) -> int:
@@ -27,6 +31,10 @@ class TRDProblem:
     @property
     def tokens(self) -> int:
         return self.student.shape[1]
+
+    @property
+    def row_range(self) -> tuple[int, int]:
+        return self.rows if self.rows is not None else (0, self.tokens)
 
 
 def count_pairs(tokens: int, tokens_per_frame: int, mode: str) -> int:
@@ -45,7 +53,9 @@ def _check_tensor(name: str, x) -> torch.Tensor:
     return x if x.dim() == 3 else x.unsqueeze(0)
 
 
-def validate(student, teacher, margin, mode, tokens_per_frame) -> TRDProblem:
+def check_shard(student, teacher, margin, mode, tokens_per_frame) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checks that one process's share of the tokens passes or fails on its own: (B, N, D) views of both
+    inputs. N may be 0 here; what depends on N (frames dividing it) is checked on the whole token axis."""
     s = _check_tensor("student", student)
     t = _check_tensor("teacher", teacher)
     if student.dim() != teacher.dim():
@@ -59,8 +69,7 @@ def validate(student, teacher, margin, mode, tokens_per_frame) -> TRDProblem:
         )
     if s.device != t.device:
         raise ValueError(f"student is on {s.device} but teacher is on {t.device}")
-    batch, tokens = s.shape[:2]
-    if batch == 0 or tokens == 0:
+    if s.shape[0] == 0:
         raise ValueError(f"student and teacher need at least one clip and one token, got shape {tuple(student.shape)}")
     if s.shape[2] == 0 or t.shape[2] == 0:
         raise ValueError(f"feature width must be at least 1, got student {tuple(s.shape)} and teacher {tuple(t.shape)}")
@@ -70,16 +79,28 @@ def validate(student, teacher, margin, mode, tokens_per_frame) -> TRDProblem:
         raise ValueError(f"margin must be >= 0, got {margin}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "full":
-        tokens_per_frame = tokens
-    else:
+    if mode != "full":
         if tokens_per_frame is None:
             raise ValueError(f"mode {mode!r} needs tokens_per_frame (tokens in one frame)")
         if isinstance(tokens_per_frame, bool) or not isinstance(tokens_per_frame, int):
             raise TypeError(f"tokens_per_frame must be an int, got {type(tokens_per_frame).__name__}")
-        if tokens_per_frame <= 0 or tokens % tokens_per_frame:
-            raise ValueError(f"tokens_per_frame={tokens_per_frame} must be positive and divide N={tokens}")
+        if tokens_per_frame <= 0:
+            raise ValueError(f"tokens_per_frame={tokens_per_frame} must be positive")
+    return s, t
+
+
+def validate(student, teacher, margin, mode, tokens_per_frame, rows: Optional[tuple[int, int]] = None) -> TRDProblem:
+    """Checks the arguments on the whole token axis; `rows` marks the share of the rows this process computes."""
+    s, t = check_shard(student, teacher, margin, mode, tokens_per_frame)
+    batch, tokens = s.shape[:2]
+    if tokens == 0:
+        raise ValueError(f"student and teacher need at least one clip and one token, got shape {tuple(student.shape)}")
+    if mode == "full":
+        tokens_per_frame = tokens
+    else:
+        if tokens % tokens_per_frame:
+            raise ValueError(f"tokens_per_frame={tokens_per_frame} must divide N={tokens}")
         if mode == "temporal" and tokens_per_frame == tokens:
             raise ValueError(f"mode 'temporal' needs at least two frames, but tokens_per_frame equals N={tokens}")
     pairs = batch * count_pairs(tokens, tokens_per_frame, mode)
-    return TRDProblem(s, t, float(margin), mode, tokens_per_frame, pairs)
+    return TRDProblem(s, t, float(margin), mode, tokens_per_frame, pairs, rows)

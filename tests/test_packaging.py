@@ -22,3 +22,13 @@ def test_importing_the_loss_does_not_import_diffusers():
     code = "import sys, videorepa; from videorepa.kernels import trd_loss; print('diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"
+
+
+def test_a_top_level_kernels_import_is_the_one_copy():
+    # transformers imports `kernels` (Hugging Face's package of that name) when it finds one on sys.path, which a
+    # source checkout's kernels/ is. It must be videorepa.kernels itself: the loss registers global operators.
+    for first in ("import videorepa.kernels; import kernels", "import kernels; import videorepa.kernels"):
+        code = (f"import sys; {first}; import torch; print(sys.modules['kernels'] is sys.modules['videorepa.kernels'],"
+                " sorted(m for m in sys.modules if m.startswith('kernels.')))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+        assert out.stdout.strip() == "True []", (first, out.stdout)

@@ -127,3 +127,12 @@ def test_launch_configs_are_chosen_by_rule(monkeypatch):
     assert mixed[0] in triton_two_pass.PASS1_CANDIDATES["fp32"] and mixed[1] in triton_two_pass.PASS2_CANDIDATES["fp32"]
     assert triton_fused.select_config(paper) == triton_fused.CANDIDATES["bf16"][0]
     assert triton_fused.select_config(problem(40, torch.float32, torch.float32))["BLOCK_M"] == 64
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "naive"])
+def test_full_mode_ignores_tokens_per_frame(backend):
+    # Every pair counts in "full" mode, whatever tokens_per_frame says (a caller may pass its model's value).
+    s = S.clone().requires_grad_()
+    loss = trd_loss(s, T, mode="full", tokens_per_frame=5.0, backend=backend)
+    loss.backward()
+    assert loss.item() == trd_loss(S, T, mode="full", backend=backend).item()

@@ -16,6 +16,9 @@ class TRDLoss(nn.Module):
         >>> student = torch.randn(2, 64, 32, requires_grad=True)
         >>> teacher = torch.randn(2, 64, 48)
         >>> criterion(student, teacher).backward()
+
+    With `group` (a torch.distributed process group) each process passes its slice of the token axis and gets the
+    loss of the whole clips (sequence parallelism).
     """
 
     def __init__(
@@ -25,6 +28,7 @@ class TRDLoss(nn.Module):
         tokens_per_frame: Optional[int] = None,
         backend: str = "auto",
         schedule: str = "auto",
+        group=None,
     ):
         super().__init__()
         self.margin = margin
@@ -32,6 +36,7 @@ class TRDLoss(nn.Module):
         self.tokens_per_frame = tokens_per_frame
         self.backend = backend
         self.schedule = schedule
+        self.group = group
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return trd_loss(
@@ -42,6 +47,7 @@ class TRDLoss(nn.Module):
             tokens_per_frame=self.tokens_per_frame,
             backend=self.backend,
             schedule=self.schedule,
+            group=self.group,
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,46 @@
+"""torch.compile(fullgraph=True) over a step that calls the TRD loss: one graph with no break on every backend and
+schedule, the eager loss and gradients, and token counts that change without recompiling the step."""
+
+import pytest
+import torch
+from torch import nn
+
+from videorepa import TRDLoss
+
+BACKENDS = [
+    pytest.param(("triton", "two-pass"), id="two-pass"),
+    pytest.param(("triton", "fused"), id="fused"),
+    pytest.param(("torch", "auto"), id="torch"),
+    pytest.param(("naive", "auto"), id="naive"),
+]
+FRAME = 8
+
+
+def step(projector, criterion, x, teacher):
+    return 0.5 * criterion(projector(x), teacher)
+
+
+def gradients(fn, projector, criterion, x, teacher):
+    projector.zero_grad()
+    teacher = teacher.clone().requires_grad_()
+    loss = fn(projector, criterion, x, teacher)
+    loss.backward()
+    return [loss.detach(), teacher.grad] + [p.grad.clone() for p in projector.parameters()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_step_matches_eager_for_any_token_count(backend):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    projector = nn.Linear(10, 16)
+    criterion = TRDLoss(margin=0.1, mode="temporal", tokens_per_frame=FRAME, backend=backend[0],
+                        schedule=backend[1])
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for frames in (5, 7):  # N = 40, then 56: symbolic sizes, and the second N must not recompile
+        x = torch.randn(2, frames * FRAME, 10, generator=gen)
+        teacher = torch.randn(2, frames * FRAME, 12, generator=gen)
+        expected = gradients(step, projector, criterion, x, teacher)
+        with torch._dynamo.config.patch(error_on_recompile=frames > 5):
+            got = gradients(compiled, projector, criterion, x, teacher)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
