@@ -14,7 +14,7 @@ epilogue applies the normalisation's backward and grad_output, and stores the gr
 The map costs one byte per pair of the triangle, B·N²/2 bytes. A 2-bit map (B·N²/8) was the first version: its
 unpacking (shifts, masks, broadcast shared-memory loads) took 922–980 SASS instructions per warp for each 128-pair
 step of pass 2 against 1,024 cycles of tensor-core work, so pass 2 could not pass ~52 % of the matmul rate; reading
-int8 takes 430–588 (bench/NOTES.md v4).
+int8 takes 422–640 (bench/NOTES.md v4).
 
 Spatial mode visits only the band of tiles that share a frame; temporal mode masks same-frame pairs.
 
