@@ -58,8 +58,9 @@ def _save_gradients(ctx, inputs, output):
 
 @differentiable_once
 def _scale_gradients(ctx, grad_loss, *_):
-    # grad_loss stays float32: the product is rounded to the gradient's dtype once.
-    scaled = [g * grad_loss if need else None for g, need in zip(ctx.saved_tensors, ctx.need)]
+    # The product in float32, rounded to the gradient's dtype once: `g * grad_loss` would cast a 0-dim CUDA
+    # grad_loss to g's bf16 first (0.3 -> 0.30078125, a 0.26 % bias), as measured on an H100.
+    scaled = [(g.float() * grad_loss).to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, ctx.need)]
     return (*scaled, *[None] * 8)
 
 

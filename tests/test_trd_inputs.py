@@ -117,7 +117,8 @@ def test_launch_configs_are_chosen_by_rule(monkeypatch):
     paper, large = problem(3600), problem(32400)
     assert select(paper, True, False) == select(problem(3600), True, False)
     pass1, pass2, group = select(paper, True, False)
-    assert (pass1["BLOCK"], pass2["BLOCK_D"], group) == (128, 128, 1)  # 11 MB of operands per clip: L2-resident
+    assert (pass1["BLOCK"], pass2["BLOCK_D"], group) == (128, 256, 1)  # 11 MB of operands per clip: L2-resident
+    assert select(problem(3600, dim=1920), True, False)[1]["BLOCK_D"] == 128  # 256 would leave half a chunk idle
     assert select(large, True, False)[2] == 8  # 100 MB per clip: grouped for L2 reuse
     assert select(problem(1000), True, False)[0]["BLOCK"] == 64
     assert select(paper, True, True)[0]["BLOCK"] == 64  # both radial sums at 128 spill
