@@ -133,7 +133,9 @@ def test_launch_configs_are_chosen_by_rule(monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "triton", "naive"])
 def test_full_mode_ignores_tokens_per_frame(backend):
     # Every pair counts in "full" mode, whatever tokens_per_frame says (a caller may pass its model's value).
-    s = S.clone().requires_grad_()
-    loss = trd_loss(s, T, mode="full", tokens_per_frame=5.0, backend=backend)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # else the interpreter's
+    student, teacher = S.to(device), T.to(device)
+    s = student.clone().requires_grad_()
+    loss = trd_loss(s, teacher, mode="full", tokens_per_frame=5.0, backend=backend)
     loss.backward()
-    assert loss.item() == trd_loss(S, T, mode="full", backend=backend).item()
+    assert loss.item() == trd_loss(student, teacher, mode="full", backend=backend).item()
