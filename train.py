@@ -75,10 +75,10 @@ def parse_args(argv=None):
                    "(0 at the first step, log-shaped warm-up over max(2, W) steps, linear decay) (tiny: constant)")
     g.add_argument("--warmup-steps", type=int, help="warm-up length W in optimizer steps (paper: 2, tiny: 0)")
     g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--batch-size", type=int, help="clips per process per micro-batch (paper: 4, tiny: 2)")
+    g.add_argument("--batch-size", type=int, help="clips per process per micro-batch (paper: 4, tiny: 8)")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--max-steps", type=int, help="run length in optimizer steps (tiny: 300)")
+    length.add_argument("--max-steps", type=int, help="run length in optimizer steps (tiny: 1000)")
     length.add_argument("--num-epochs", type=int, help="run length in passes over the data, each rank taking "
                         "ceil(clips / processes) clips per pass (cogvideox-2b: 4, cogvideox-5b: 1)")
     g.add_argument("--seed", type=int, default=0)
@@ -197,12 +197,13 @@ def setup_distributed(args):
 def load_models(args, device, frozen_dtype):
     """The pipeline (frozen VAE and text encoder in `frozen_dtype`, the trained transformer in float32 master
     weights) and the frozen teacher."""
-    from videorepa.models import build_tiny_pipeline, load_pipeline
+    from videorepa.models import load_pipeline
     from videorepa.teachers import load_teacher
+    from videorepa.world import build_pipeline
 
     cfg = args.preset_config
     if args.model is None:
-        pipe = build_tiny_pipeline(args.seed)  # float32 throughout
+        pipe = build_pipeline(args.seed)  # the pretrained tiny world, a fresh transformer; float32 throughout
     else:
         pipe = load_pipeline(args.model, {"transformer": torch.float32, "default": frozen_dtype})
     teacher = load_teacher(args.teacher, args.teacher_path, cfg.teacher_height, cfg.teacher_width, cfg.num_frames)
@@ -242,18 +243,21 @@ def build_dataset(args, rank, world, waiting, pipe, teacher, device):
     if not args.data:
         args.data = os.path.join(args.output_dir, "synthetic-data", "captions.csv")
         if rank == 0 and not os.path.exists(args.data):
-            from videorepa.synthetic import write_dataset
+            from videorepa.world import TRAIN_CLIPS, write_dataset
 
             log.info("writing synthetic physics clips to %s", os.path.dirname(args.data))
-            write_dataset(os.path.dirname(args.data), num_clips=32, seed=args.seed)
+            write_dataset(os.path.dirname(args.data), num_clips=TRAIN_CLIPS, seed=args.seed)
         wait_for_everyone(waiting)
+        args.cache_dir = args.cache_dir or os.path.join(args.output_dir, "feature-cache")  # encode each clip once
     videos = VideoCaptionDataset(args.data, cfg.num_frames, cfg.height, cfg.width)
     if not args.cache_dir:
         return videos
     from videorepa.feature_cache import CachedDataset, FeatureCache
+    from videorepa.world import fingerprint as world_fingerprint
 
     cache = FeatureCache(args.cache_dir, {
-        "model": os.path.abspath(args.model) if args.model else f"tiny-{args.seed}", "teacher": args.teacher,
+        "model": os.path.abspath(args.model) if args.model else f"tiny-world-{world_fingerprint()}",
+        "teacher": args.teacher,
         "teacher_path": os.path.abspath(args.teacher_path) if args.teacher_path else None,
         "frames": cfg.num_frames, "height": cfg.height, "width": cfg.width,
         "teacher_size": [cfg.teacher_height, cfg.teacher_width],

@@ -73,7 +73,7 @@ def test_train_step_harness_runs_the_tiny_model(tmp_path):
     bench_train_step.main(["--device", "cpu", "--model-size", "tiny", "--steps", "2", "--json", str(out)])
     rows = json.loads(out.read_text())
     assert [(r["relation_grid"], r["trd_backend"], r["N"]) for r in rows] == [
-        ("teacher", "torch", 24), ("teacher", "naive", 24), ("student", "torch", 96), ("student", "naive", 96)]
+        ("teacher", "torch", 192), ("teacher", "naive", 192), ("student", "torch", 192), ("student", "naive", 192)]
     for row in rows:
         assert row["ms"] > 0 and row["peak_mib"] > 0 and row["loss_trd"] > 0
     # Same random model and inputs for both backends: the same TRD loss.

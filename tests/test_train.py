@@ -475,7 +475,7 @@ def test_accumulation_checkpointing_full_grid_and_validation_videos(tmp_path, cl
     assert videos == ["step-000002-0.mp4"]
     from videorepa.video_io import read_video
 
-    assert read_video(str(tmp_path / "validation" / videos[0])).shape == (9, 64, 96, 3)
+    assert read_video(str(tmp_path / "validation" / videos[0])).shape == (17, 64, 96, 3)
 
 
 def test_validation_videos_from_a_saved_pipeline_in_bf16(tmp_path, clips):

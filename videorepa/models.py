@@ -44,8 +44,7 @@ def build_scheduler():
 def build_tiny_pipeline(seed: int = 0):
     """A CogVideoX pipeline small enough for a CPU: 2-block transformer, 4-level VAE of 8 channels, 1-layer T5 with
     the byte-level ByT5 tokenizer (which needs no vocabulary files). Video 9×64×96 → latents 3×8×12 → 3×4×6 tokens."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    from diffusers import AutoencoderKLCogVideoX
 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -57,17 +56,28 @@ def build_tiny_pipeline(seed: int = 0):
         block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
         temporal_compression_ratio=4,
     )
+    torch.random.set_rng_state(generator_state)
+    return assemble_pipeline(vae, transformer, seed)
+
+
+def assemble_pipeline(vae, transformer, seed: int = 0):
+    """A pipeline around this VAE and transformer, with the tiny text encoder: a 1-layer T5 (width 32, seeded) and
+    the byte-level ByT5 tokenizer, which needs no vocabulary files."""
+    from diffusers import CogVideoXPipeline
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed + 1)
     tokenizer = ByT5Tokenizer()
     text_encoder = T5EncoderModel(T5Config(
         vocab_size=tokenizer.vocab_size + 3, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
         dropout_rate=0.0,
     ))
-    scheduler = build_scheduler()
     torch.random.set_rng_state(generator_state)
     for module in (transformer, vae, text_encoder):
         module.eval()  # fresh modules start in train mode (dropout); train.py switches on what it trains
     return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                             scheduler=scheduler)
+                             scheduler=build_scheduler())
 
 
 def load_pipeline(path: str, dtype: torch.dtype | dict = torch.float32):
