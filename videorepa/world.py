@@ -26,7 +26,11 @@ TRAIN_CLIPS = 128  # clips train.py renders for the embedded default
 VAE_CONFIG = dict(
     block_out_channels=(8, 16, 16), latent_channels=8, layers_per_block=1, norm_num_groups=4,
     down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
-    temporal_compression_ratio=4, sample_height=CLIP["height"], sample_width=CLIP["width"],
+    temporal_compression_ratio=4,
+    # CogVideoX's own sample size, which sets only the tile size of VAE tiling (half of it, 240×360): tiling then
+    # leaves the world's video whole, as it splits a real one. Tiles of half the clip size do not divide it, and
+    # diffusers' tiled decode returns frames of the wrong size (70×102 for 64×96).
+    sample_height=480, sample_width=720,
 )
 
 # 4 blocks × 4 heads × 32 (1.2 M parameters); text from the 1-layer T5 (width 32) of the tiny pipeline.
