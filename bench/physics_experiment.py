@@ -126,6 +126,26 @@ def ridge_probe_r2(x, y, clips, ridge: float = 1.0) -> float:
 # ------------------------------------------------------------------------------------------------ measurements
 
 
+@torch.no_grad()
+def aligned_tokens(transformer, align_layer: int, scheduler, latents, embeds) -> torch.Tensor:
+    """The output of the aligned block (the align_layer-th, as train.py counts) as (N, F', H', W', D), for latents
+    (N, F', C, 2H', 2W') noised to PROBE_TIMESTEP with fixed noise."""
+    from videorepa.diffusion import BlockOutput
+    from videorepa.training import aligned_block
+
+    hook = BlockOutput(aligned_block(transformer, align_layer))
+    generator = torch.Generator().manual_seed(0)
+    features = []
+    for chunk, chunk_embeds in zip(latents.split(8), embeds.split(8)):
+        t = torch.full((len(chunk),), PROBE_TIMESTEP)
+        noisy = scheduler.add_noise(chunk, torch.randn(chunk.shape, generator=generator), t)
+        transformer(hidden_states=noisy, encoder_hidden_states=chunk_embeds, timestep=t, return_dict=False)
+        f, h, w = chunk.shape[1], chunk.shape[3] // 2, chunk.shape[4] // 2
+        features.append(hook.pop().reshape(len(chunk), f, h, w, -1))
+    hook.handle.remove()
+    return torch.cat(features)
+
+
 class Heldout:
     """Held-out clips encoded once: VAE latents (mean), prompt embeddings, teacher tokens, ball tracks."""
 
@@ -148,23 +168,10 @@ class Heldout:
         # Teacher slot k: the tubelet of frames 1 + 2k and 2 + 2k (the first frame is dropped); 8-pixel patches.
         return ridge_probe_r2(*probe_samples(self.tracks, self.teacher, (1, 2), 8))
 
-    @torch.no_grad()
     def student_probe(self, transformer, align_layer: int) -> float:
-        """Tokens after block `align_layer` (0-based) for latents noised to PROBE_TIMESTEP with fixed noise."""
-        from videorepa.diffusion import BlockOutput
-
-        hook = BlockOutput(transformer.transformer_blocks[align_layer])
-        generator = torch.Generator().manual_seed(0)
-        features = []
-        for latents, embeds in zip(self.latents.split(8), self.embeds.split(8)):
-            t = torch.full((len(latents),), PROBE_TIMESTEP)
-            noisy = self.scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), t)
-            transformer(hidden_states=noisy, encoder_hidden_states=embeds, timestep=t, return_dict=False)
-            f, h, w = latents.shape[1], latents.shape[3] // 2, latents.shape[4] // 2
-            features.append(hook.pop().reshape(len(latents), f, h, w, -1))
-        hook.handle.remove()
+        features = aligned_tokens(transformer, align_layer, self.scheduler, self.latents, self.embeds)
         # Latent frame k >= 1 covers pixel frames 4k - 3 ... 4k; tokens are 8 pixels wide (VAE ×4, patch 2).
-        return ridge_probe_r2(*probe_samples(self.tracks, torch.cat(features)[:, 1:], (1, 4), 8))
+        return ridge_probe_r2(*probe_samples(self.tracks, features[:, 1:], (1, 4), 8))
 
     @torch.no_grad()
     def diffusion_loss(self, transformer, repeats: int = 4) -> float:

@@ -36,6 +36,27 @@ def test_probe_samples_read_the_token_under_each_ball():
         assert x[k, 0] == (4 + 4 * (1.5 + 2 * k)) // 8 + 10 * k
 
 
+def test_the_student_probe_reads_the_aligned_block():
+    """The probe's tokens are the output of the block train.py aligns (the preset's align_layer-th, counted from 1)."""
+    import torch
+
+    from videorepa.models import build_scheduler, build_transformer
+    from videorepa.presets import get_preset
+
+    transformer = build_transformer("tiny").eval()
+    outputs = []
+    for block in transformer.transformer_blocks:
+        block.register_forward_hook(lambda module, args, output: outputs.append(output[0]))
+    cfg = transformer.config
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 2, cfg.in_channels, cfg.sample_height, cfg.sample_width, generator=gen)
+    embeds = torch.randn(2, cfg.max_text_seq_length, cfg.text_embed_dim, generator=gen)
+    align_layer = get_preset("tiny").align_layer
+    tokens = physics_experiment.aligned_tokens(transformer, align_layer, build_scheduler(), latents, embeds)
+    assert tokens.shape == (2, 2, cfg.sample_height // 2, cfg.sample_width // 2, outputs[0].shape[-1])
+    assert torch.equal(tokens.flatten(1, 3), outputs[align_layer - 1])
+
+
 def test_experiment_runs_resumes_and_tabulates(tmp_path, capsys):
     argv = ["--output-dir", str(tmp_path / "exp"), "--arms", "none", "trd-full", "--seeds", "0", "--steps", "2",
             "--batch-size", "2", "--clips", "4", "--heldout-clips", "6", "--videos-per-scene", "1",

@@ -127,8 +127,14 @@ def test_evaluate_videos_writes_json_plots_and_table(clips, tmp_path, capsys):
 
 def test_evaluate_model_generates_each_scene(tmp_path, capsys):
     pytest.importorskip("diffusers")
+    from videorepa.models import text_length
+
     model = tmp_path / "model"
-    world.build_pipeline(seed=0).save_pretrained(str(model))  # untrained transformer: noise, but every step runs
+    pipe = world.build_pipeline(seed=0)
+    pipe.save_pretrained(str(model))  # untrained transformer: noise, but every step runs
+    # Every caption template, in every colour, reaches the model whole: none is cut at the text encoder's limit.
+    prompts = evaluate.evaluation_prompts(25)
+    assert max(len(pipe.tokenizer(prompt).input_ids) for prompt in prompts) <= text_length(pipe)
     out = tmp_path / "eval"
     evaluate.main(["--model", str(model), "--output-dir", str(out), "--videos-per-scene", "1", "--steps", "2"])
     report = json.loads((out / "physics.json").read_text())
