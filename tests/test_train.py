@@ -16,6 +16,7 @@ pytest.importorskip("diffusers")
 from safetensors.torch import load_file  # noqa: E402
 
 import train  # noqa: E402
+from test_components import transformer_inputs  # noqa: E402
 from videorepa.synthetic import write_dataset  # noqa: E402
 from videorepa.video_io import write_video  # noqa: E402
 
@@ -301,9 +302,7 @@ def test_lora_final_applies_the_trained_alpha_through_the_stock_loader(tmp_path,
         assert not missing.unexpected_keys
         return transformer.eval()
 
-    gen = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 3, 4, 8, 12, generator=gen),
-                  encoder_hidden_states=torch.randn(1, 128, 32, generator=gen), timestep=torch.tensor([500]))
+    inputs = transformer_inputs(stock.transformer.config)
     with torch.no_grad():
         loaded = stock.transformer.eval()(**inputs).sample
         torch.testing.assert_close(loaded, trained_transformer(2.0)(**inputs).sample)
@@ -480,14 +479,14 @@ def test_accumulation_checkpointing_full_grid_and_validation_videos(tmp_path, cl
 
 def test_validation_videos_from_a_saved_pipeline_in_bf16(tmp_path, clips):
     # As with a real model: VAE and T5 load in bf16, the transformer trains in float32.
-    from videorepa.models import build_tiny_pipeline
+    from videorepa.world import build_pipeline
 
-    build_tiny_pipeline().save_pretrained(tmp_path / "pipeline")
+    build_pipeline().save_pretrained(tmp_path / "pipeline")
     run_train(tmp_path / "out", "--max-steps", "1", "--model", str(tmp_path / "pipeline"), "--mixed-precision", "bf16",
               "--validation-every", "1", "--validation-steps", "2", data=clips)
     from videorepa.video_io import read_video
 
-    assert read_video(str(tmp_path / "out" / "validation" / "step-000001-0.mp4")).shape == (9, 64, 96, 3)
+    assert read_video(str(tmp_path / "out" / "validation" / "step-000001-0.mp4")).shape == (17, 64, 96, 3)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, clips, monkeypatch):

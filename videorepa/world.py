@@ -33,7 +33,7 @@ VAE_CONFIG = dict(
     sample_height=480, sample_width=720,
 )
 
-# 4 blocks × 4 heads × 32 (1.2 M parameters); text from the 1-layer T5 (width 32) of the tiny pipeline.
+# 4 blocks × 4 heads × 32 (1.2 M parameters); text from the 1-layer T5 (width 32) of models.assemble_pipeline.
 TRANSFORMER_CONFIG = dict(
     num_attention_heads=4, attention_head_dim=32, in_channels=8, out_channels=8, time_embed_dim=64,
     text_embed_dim=32, num_layers=4, sample_width=CLIP["width"] // 4, sample_height=CLIP["height"] // 4,
@@ -58,12 +58,6 @@ def build_vae():
     from diffusers import AutoencoderKLCogVideoX
 
     return AutoencoderKLCogVideoX(**VAE_CONFIG)
-
-
-def build_transformer():
-    from diffusers import CogVideoXTransformer3DModel
-
-    return CogVideoXTransformer3DModel(**TRANSFORMER_CONFIG)
 
 
 def teacher_config():
@@ -108,11 +102,11 @@ def fingerprint(path: str = ASSETS) -> str:
 def build_pipeline(seed: int = 0, path: str = ASSETS):
     """The world's CogVideoX pipeline: the pretrained VAE, the tiny text encoder (always the same one, like the
     VAE a fixed part of the world) and a fresh transformer initialised from `seed`: what training learns."""
-    from .models import assemble_pipeline
+    from .models import assemble_pipeline, build_transformer
 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    transformer = build_transformer()
+    transformer = build_transformer("tiny")
     torch.random.set_rng_state(generator_state)
     return assemble_pipeline(load_vae(path), transformer, seed=0)
 
