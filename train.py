@@ -1,6 +1,6 @@
 """VideoREPA finetuning of CogVideoX with the fused Token Relation Distillation loss.
 
-    python train.py                                   # embedded default: tiny models, synthetic physics clips, CPU
+    python train.py                                   # embedded default: the tiny world's clips and models, CPU
     python train.py --preset cogvideox-2b --model /models/CogVideoX-2b --teacher videomaev2 \\
         --teacher-path /models/vit_b_k710_dl_from_giant.pth --data /data/openvid.csv --cache-dir /cache
     torchrun --nproc_per_node 8 train.py ...          # DDP from torchrun's environment
@@ -42,7 +42,8 @@ def parse_args(argv=None):
     g.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                    help="video size, align layer, head widths and the optimisation recipe: cogvideox-2b and "
                    "cogvideox-5b are the paper's runs (default: tiny)")
-    g.add_argument("--model", help="local CogVideoX pipeline directory (default for --preset tiny: built in code)")
+    g.add_argument("--model", help="local CogVideoX pipeline directory (default for --preset tiny: the tiny world's "
+                   "pretrained VAE and a fresh transformer)")
     g.add_argument("--teacher", choices=TEACHERS, help="video encoder to distil from (default: tiny for --preset "
                    "tiny, else videomaev2)")
     g.add_argument("--teacher-path", help="VideoMAEv2 .pth file, or a transformers directory for videomae/vjepa2")
@@ -57,7 +58,8 @@ def parse_args(argv=None):
     g.add_argument("--align-loss", choices=ALIGN_LOSSES, default="trd", help="trd (VideoREPA), repa (cosine "
                    "baseline) or none (plain finetuning)")
     g.add_argument("--align-layer", type=int, help="align the output of the K-th transformer block, counted from 1 "
-                   "as the paper's flag: 18 (the presets' value) aligns after 18 blocks (default: the preset's)")
+                   "as the paper's flag: 18 aligns after 18 blocks (default: the preset's, 18 for the paper's "
+                   "runs, 2 of 4 for tiny)")
     g.add_argument("--relation-grid", choices=GRIDS, default="teacher", help="teacher: the paper's token matching; "
                    "student: teacher resampled to the student's full grid")
     g.add_argument("--trd-weight", type=float, default=0.5)
@@ -326,7 +328,7 @@ def read_checkpoint(folder, model, optimizer, schedule, generator, rank, world):
 
 
 def base_model_dir(args) -> str:
-    """Where a LoRA run on the in-code tiny base keeps that base, so the adapters have something to load onto."""
+    """Where a LoRA run on the tiny world's base keeps that base, so the adapters have something to load onto."""
     return os.path.join(args.output_dir, "base-model")
 
 

@@ -176,7 +176,7 @@ def test_presets_default_to_the_papers_recipe():
     assert (full_5b.lora_rank, full_5b.learning_rate) == (0, 2e-6)
     assert train.parse_args(["--preset", "cogvideox-5b", *paths, "--lora-rank", "16"]).lora_alpha == 16
     tiny = train.parse_args([])
-    assert (tiny.batch_size, tiny.lr_scheduler, tiny.max_steps, tiny.num_epochs) == (2, "constant", 300, None)
+    assert (tiny.batch_size, tiny.lr_scheduler, tiny.max_steps, tiny.num_epochs) == (8, "constant", 1000, None)
     assert train.parse_args(["--num-epochs", "2"]).max_steps is None
 
 
