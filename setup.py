@@ -11,6 +11,8 @@ setup(
     # that name, which transformers and diffusers detect and import.
     packages=["videorepa", "videorepa.kernels"],
     package_dir={"videorepa": "videorepa", "videorepa.kernels": "kernels"},
+    # The tiny world's pretrained VAE and teacher (a few MB), which the embedded default trains against.
+    package_data={"videorepa": ["assets/tiny-world/*.json", "assets/tiny-world/*/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

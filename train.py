@@ -1,6 +1,6 @@
 """VideoREPA finetuning of CogVideoX with the fused Token Relation Distillation loss.
 
-    python train.py                                   # embedded default: tiny models, synthetic physics clips, CPU
+    python train.py                                   # embedded default: the tiny world's clips and models, CPU
     python train.py --preset cogvideox-2b --model /models/CogVideoX-2b --teacher videomaev2 \\
         --teacher-path /models/vit_b_k710_dl_from_giant.pth --data /data/openvid.csv --cache-dir /cache
     torchrun --nproc_per_node 8 train.py ...          # DDP from torchrun's environment
@@ -42,7 +42,8 @@ def parse_args(argv=None):
     g.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                    help="video size, align layer, head widths and the optimisation recipe: cogvideox-2b and "
                    "cogvideox-5b are the paper's runs (default: tiny)")
-    g.add_argument("--model", help="local CogVideoX pipeline directory (default for --preset tiny: built in code)")
+    g.add_argument("--model", help="local CogVideoX pipeline directory (default for --preset tiny: the tiny world's "
+                   "pretrained VAE and a fresh transformer)")
     g.add_argument("--teacher", choices=TEACHERS, help="video encoder to distil from (default: tiny for --preset "
                    "tiny, else videomaev2)")
     g.add_argument("--teacher-path", help="VideoMAEv2 .pth file, or a transformers directory for videomae/vjepa2")
@@ -57,7 +58,8 @@ def parse_args(argv=None):
     g.add_argument("--align-loss", choices=ALIGN_LOSSES, default="trd", help="trd (VideoREPA), repa (cosine "
                    "baseline) or none (plain finetuning)")
     g.add_argument("--align-layer", type=int, help="align the output of the K-th transformer block, counted from 1 "
-                   "as the paper's flag: 18 (the presets' value) aligns after 18 blocks (default: the preset's)")
+                   "as the paper's flag: 18 aligns after 18 blocks (default: the preset's, 18 for the paper's "
+                   "runs, 2 of 4 for tiny)")
     g.add_argument("--relation-grid", choices=GRIDS, default="teacher", help="teacher: the paper's token matching; "
                    "student: teacher resampled to the student's full grid")
     g.add_argument("--trd-weight", type=float, default=0.5)
@@ -75,10 +77,10 @@ def parse_args(argv=None):
                    "(0 at the first step, log-shaped warm-up over max(2, W) steps, linear decay) (tiny: constant)")
     g.add_argument("--warmup-steps", type=int, help="warm-up length W in optimizer steps (paper: 2, tiny: 0)")
     g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--batch-size", type=int, help="clips per process per micro-batch (paper: 4, tiny: 2)")
+    g.add_argument("--batch-size", type=int, help="clips per process per micro-batch (paper: 4, tiny: 8)")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--max-steps", type=int, help="run length in optimizer steps (tiny: 300)")
+    length.add_argument("--max-steps", type=int, help="run length in optimizer steps (tiny: 1000)")
     length.add_argument("--num-epochs", type=int, help="run length in passes over the data, each rank taking "
                         "ceil(clips / processes) clips per pass (cogvideox-2b: 4, cogvideox-5b: 1)")
     g.add_argument("--seed", type=int, default=0)
@@ -197,12 +199,13 @@ def setup_distributed(args):
 def load_models(args, device, frozen_dtype):
     """The pipeline (frozen VAE and text encoder in `frozen_dtype`, the trained transformer in float32 master
     weights) and the frozen teacher."""
-    from videorepa.models import build_tiny_pipeline, load_pipeline
+    from videorepa.models import load_pipeline
     from videorepa.teachers import load_teacher
+    from videorepa.world import build_pipeline
 
     cfg = args.preset_config
     if args.model is None:
-        pipe = build_tiny_pipeline(args.seed)  # float32 throughout
+        pipe = build_pipeline(args.seed)  # the pretrained tiny world, a fresh transformer; float32 throughout
     else:
         pipe = load_pipeline(args.model, {"transformer": torch.float32, "default": frozen_dtype})
     teacher = load_teacher(args.teacher, args.teacher_path, cfg.teacher_height, cfg.teacher_width, cfg.num_frames)
@@ -242,18 +245,21 @@ def build_dataset(args, rank, world, waiting, pipe, teacher, device):
     if not args.data:
         args.data = os.path.join(args.output_dir, "synthetic-data", "captions.csv")
         if rank == 0 and not os.path.exists(args.data):
-            from videorepa.synthetic import write_dataset
+            from videorepa.world import TRAIN_CLIPS, write_dataset
 
             log.info("writing synthetic physics clips to %s", os.path.dirname(args.data))
-            write_dataset(os.path.dirname(args.data), num_clips=32, seed=args.seed)
+            write_dataset(os.path.dirname(args.data), num_clips=TRAIN_CLIPS, seed=args.seed)
         wait_for_everyone(waiting)
+        args.cache_dir = args.cache_dir or os.path.join(args.output_dir, "feature-cache")  # encode each clip once
     videos = VideoCaptionDataset(args.data, cfg.num_frames, cfg.height, cfg.width)
     if not args.cache_dir:
         return videos
     from videorepa.feature_cache import CachedDataset, FeatureCache
+    from videorepa.world import fingerprint as world_fingerprint
 
     cache = FeatureCache(args.cache_dir, {
-        "model": os.path.abspath(args.model) if args.model else f"tiny-{args.seed}", "teacher": args.teacher,
+        "model": os.path.abspath(args.model) if args.model else f"tiny-world-{world_fingerprint()}",
+        "teacher": args.teacher,
         "teacher_path": os.path.abspath(args.teacher_path) if args.teacher_path else None,
         "frames": cfg.num_frames, "height": cfg.height, "width": cfg.width,
         "teacher_size": [cfg.teacher_height, cfg.teacher_width],
@@ -322,7 +328,7 @@ def read_checkpoint(folder, model, optimizer, schedule, generator, rank, world):
 
 
 def base_model_dir(args) -> str:
-    """Where a LoRA run on the in-code tiny base keeps that base, so the adapters have something to load onto."""
+    """Where a LoRA run on the tiny world's base keeps that base, so the adapters have something to load onto."""
     return os.path.join(args.output_dir, "base-model")
 
 

@@ -29,8 +29,10 @@ from videorepa.memory import PeakMemory  # noqa: E402
 from videorepa.models import build_scheduler, build_transformer  # noqa: E402
 from videorepa.presets import get_preset  # noqa: E402
 from videorepa.training import VideoREPAModel  # noqa: E402
+from videorepa.world import TEACHER_CONFIG as TINY_TEACHER  # noqa: E402
 
-TEACHER_DIM = {"tiny": 32, "cogvideox-2b": 768}
+# The teacher's token width and patch side (tubelets of 2 frames): the tiny world's VideoMAE, VideoMAEv2 ViT-B/16.
+TEACHER = {"tiny": (TINY_TEACHER["hidden_size"], TINY_TEACHER["patch_size"]), "cogvideox-2b": (768, 16)}
 
 
 def build_model(size: str, device, checkpointing: bool):
@@ -49,7 +51,8 @@ def grids(model, size: str):
     preset = get_preset(size)
     student_grid = ((cfg.sample_frames - 1) // 4 + 1, cfg.sample_height // cfg.patch_size,
                     cfg.sample_width // cfg.patch_size)
-    teacher_grid = ((preset.num_frames - 1) // 2, preset.teacher_height // 16, preset.teacher_width // 16)
+    patch = TEACHER[size][1]
+    teacher_grid = ((preset.num_frames - 1) // 2, preset.teacher_height // patch, preset.teacher_width // patch)
     return student_grid, teacher_grid
 
 
@@ -58,7 +61,7 @@ def set_relation_grid(model, size: str, relation_grid: str, device):
     cfg = model.transformer.config
     student_grid, teacher_grid = grids(model, size)
     torch.manual_seed(0)
-    model.aligner = TokenAligner(cfg.num_attention_heads * cfg.attention_head_dim, TEACHER_DIM[size],
+    model.aligner = TokenAligner(cfg.num_attention_heads * cfg.attention_head_dim, TEACHER[size][0],
                                  get_preset(size).projector_hidden, student_grid, teacher_grid,
                                  relation_grid).to(device)
 
@@ -69,7 +72,7 @@ def inputs(model, student_grid, teacher_grid, batch, size, device):
     latents = torch.randn(batch, student_grid[0], cfg.in_channels, cfg.sample_height, cfg.sample_width,
                           generator=gen, device=device)
     text = torch.randn(batch, cfg.max_text_seq_length, cfg.text_embed_dim, generator=gen, device=device)
-    teacher = torch.randn(batch, *teacher_grid, TEACHER_DIM[size], generator=gen, device=device)
+    teacher = torch.randn(batch, *teacher_grid, TEACHER[size][0], generator=gen, device=device)
     return latents, text, teacher
 
 
@@ -97,7 +100,7 @@ def measure(model, batch_inputs, device, steps: int):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--model-size", choices=sorted(TEACHER_DIM), default="cogvideox-2b")
+    p.add_argument("--model-size", choices=sorted(TEACHER), default="cogvideox-2b")
     p.add_argument("--backends", nargs="+", choices=["triton", "torch", "naive"],
                    help="TRD backends (default: triton and naive on cuda, torch and naive on cpu)")
     p.add_argument("--relation-grids", nargs="+", choices=["teacher", "student"], default=["teacher", "student"])

@@ -72,8 +72,9 @@ def test_train_step_harness_runs_the_tiny_model(tmp_path):
     out = tmp_path / "steps.json"
     bench_train_step.main(["--device", "cpu", "--model-size", "tiny", "--steps", "2", "--json", str(out)])
     rows = json.loads(out.read_text())
+    # The tiny world's teacher tokens (8×8×12) lie on the transformer's own spatial grid: N = 768 for both grids.
     assert [(r["relation_grid"], r["trd_backend"], r["N"]) for r in rows] == [
-        ("teacher", "torch", 24), ("teacher", "naive", 24), ("student", "torch", 96), ("student", "naive", 96)]
+        ("teacher", "torch", 768), ("teacher", "naive", 768), ("student", "torch", 768), ("student", "naive", 768)]
     for row in rows:
         assert row["ms"] > 0 and row["peak_mib"] > 0 and row["loss_trd"] > 0
     # Same random model and inputs for both backends: the same TRD loss.

@@ -205,16 +205,27 @@ def record_ops(fn):
     return seen
 
 
-def cogvideox_forward():
-    from videorepa.models import build_tiny_pipeline
+def transformer_inputs(config, batch=1, latent_frames=2, timestep=500, seed=0) -> dict:
+    """Random inputs for a CogVideoX transformer of this config: latents of its sample size, text embeddings."""
+    gen = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, latent_frames, config.in_channels, config.sample_height,
+                                          config.sample_width, generator=gen),
+                encoder_hidden_states=torch.randn(batch, config.max_text_seq_length, config.text_embed_dim,
+                                                  generator=gen),
+                timestep=torch.full((batch,), timestep))
 
-    pipe = build_tiny_pipeline()
-    latents, text = torch.randn(1, 3, 4, 8, 12), torch.randn(1, 128, 32)
-    return lambda: pipe.transformer(hidden_states=latents, encoder_hidden_states=text, timestep=torch.tensor([10]))
+
+def cogvideox_forward():
+    """The tiny world's transformer on 2 latent frames: (a call of its forward, its config)."""
+    from videorepa.models import build_transformer
+
+    transformer = build_transformer("tiny").eval()
+    inputs = transformer_inputs(transformer.config, timestep=10)
+    return lambda: transformer(**inputs), transformer.config
 
 
 def test_sdpa_flash_runs_the_flash_kernel():
-    forward = cogvideox_forward()
+    forward, _ = cogvideox_forward()
     with attention_kernel("sdpa-flash"):
         ops = record_ops(forward)
     assert "aten._scaled_dot_product_flash_attention_for_cpu" in ops
@@ -232,12 +243,14 @@ def test_flash_attn_route_calls_flash_attn_with_its_layout():
         out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
 
-    forward = cogvideox_forward()
+    forward, cfg = cogvideox_forward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = forward()[0]
         with attention_kernel("flash-attn", flash_attn_func=fake_flash_attn_func):
             got = forward()[0]
-    assert len(calls) == 2 and calls[0][1:] == (128 + 3 * 4 * 6, 2, 16)  # (B, L, heads, head_dim), both blocks
+    tokens = cfg.max_text_seq_length + 2 * (cfg.sample_height // 2) * (cfg.sample_width // 2)  # text + 2 frames
+    # (B, L, heads, head_dim), once per block
+    assert len(calls) == cfg.num_layers and calls[0][1:] == (tokens, cfg.num_attention_heads, cfg.attention_head_dim)
     torch.testing.assert_close(got, expected)
     assert F.scaled_dot_product_attention is sdpa  # restored
 
@@ -378,18 +391,23 @@ def test_training_step_with_rotary_positions_as_cogvideox_5b():
     from diffusers import CogVideoXTransformer3DModel
 
     from videorepa.diffusion import rotary_embeddings
-    from videorepa.models import TRANSFORMER_CONFIGS, build_tiny_pipeline
+    from videorepa.models import TRANSFORMER_CONFIGS
     from videorepa.training import VideoREPAModel
+    from videorepa.world import build_pipeline
 
-    pipe = build_tiny_pipeline()
+    pipe = build_pipeline()
     pipe.transformer = CogVideoXTransformer3DModel(**{**TRANSFORMER_CONFIGS["tiny"],
                                                       "use_rotary_positional_embeddings": True}).train()
-    aligner = TokenAligner(32, 16, 24, (3, 4, 6), (4, 2, 3))
+    cfg = pipe.transformer.config
+    inputs = transformer_inputs(cfg, batch=2, latent_frames=3)
+    grid = (3, cfg.sample_height // 2, cfg.sample_width // 2)
+    teacher_grid = (4, grid[1] // 2, grid[2] // 2)
+    aligner = TokenAligner(cfg.num_attention_heads * cfg.attention_head_dim, 16, 24, grid, teacher_grid)
     model = VideoREPAModel(pipe.transformer, pipe.scheduler, aligner, align_layer=1)
-    latents = torch.randn(2, 3, 4, 8, 12)
+    latents = inputs["hidden_states"]
     rotary = rotary_embeddings(pipe, latents)
-    assert rotary is not None and rotary[0].shape[0] == 3 * 4 * 6
-    out = model(latents, torch.randn(2, 128, 32), torch.randn(2, 4, 2, 3, 16), rotary,
+    assert rotary is not None and rotary[0].shape[0] == grid[0] * grid[1] * grid[2]
+    out = model(latents, inputs["encoder_hidden_states"], torch.randn(2, *teacher_grid, 16), rotary,
                 torch.Generator().manual_seed(0))
     out["loss"].backward()
     assert out["loss_align"] > 0 and pipe.transformer.transformer_blocks[0].attn1.to_q.weight.grad is not None
@@ -399,11 +417,11 @@ def test_diffusion_loss_is_the_official_objective():
     # official: finetune/models/cogvideox_t2v_align/lora_trainer.py, compute_loss: t uniform in [0, 1000), noise
     # added by the scheduler, v turned into x0 by get_velocity, squared error weighted 1/(1 − ᾱ_t), per-clip mean.
     from videorepa.diffusion import diffusion_loss
-    from videorepa.models import build_tiny_pipeline
+    from videorepa.models import build_scheduler, build_transformer
 
-    pipe = build_tiny_pipeline()
-    scheduler, transformer = pipe.scheduler, pipe.transformer
-    latents, embeds = torch.randn(3, 3, 4, 8, 12), torch.randn(3, 128, 32)
+    scheduler, transformer = build_scheduler(), build_transformer("tiny").eval()
+    inputs = transformer_inputs(transformer.config, batch=3)
+    latents, embeds = inputs["hidden_states"], inputs["encoder_hidden_states"]
     with torch.no_grad():
         ours = diffusion_loss(transformer, scheduler, latents, embeds, generator=torch.Generator().manual_seed(5))
         gen = torch.Generator().manual_seed(5)

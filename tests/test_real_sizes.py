@@ -34,11 +34,13 @@ def stand_in_pipeline(transformer):
 @pytest.mark.parametrize("name", ["tiny", *REAL])
 def test_presets_align_the_output_of_the_kth_block_as_the_paper_counts(name):
     # official: finetune/models/cogvideox_t2v_align/models/cogvideox_align.py aligns `if (i + 1) == align_layer`
-    # with --align_layer 18: the output of the 18th block, 0-based index 17, for 2B and 5B alike.
+    # with --align_layer 18: the output of the 18th block of 30 (2B) or 42 (5B), 0-based index 17. The tiny world
+    # aligns the output of the 2nd of its transformer's 4 blocks (index 1), where its experiment measured.
     preset = get_preset(name)
-    assert preset.align_layer == {"tiny": 1, "cogvideox-2b": 18, "cogvideox-5b": 18}[name]
+    align_layer, blocks = {"tiny": (2, 4), "cogvideox-2b": (18, 30), "cogvideox-5b": (18, 42)}[name]
+    assert preset.align_layer == align_layer
     transformer = build_transformer(name).train() if name == "tiny" else meta_transformer(name)
-    assert len(transformer.transformer_blocks) == TRANSFORMER_CONFIGS[name]["num_layers"]
+    assert len(transformer.transformer_blocks) == TRANSFORMER_CONFIGS[name]["num_layers"] == blocks
     model = VideoREPAModel(transformer, build_scheduler(), None, preset.align_layer)
     outputs = {}
 

@@ -18,11 +18,13 @@ from safetensors.torch import save_file  # noqa: E402
 
 import sample  # noqa: E402
 import train  # noqa: E402
-from videorepa.models import build_tiny_pipeline, build_transformer, generate_video  # noqa: E402
+from test_components import transformer_inputs  # noqa: E402
+from videorepa.models import TRANSFORMER_CONFIGS, build_transformer, generate_video  # noqa: E402
 from videorepa.synthetic import write_dataset  # noqa: E402
 from videorepa.video_io import read_video  # noqa: E402
+from videorepa.world import build_pipeline  # noqa: E402
 
-FAST = ["--steps", "2"]
+FAST = ["--steps", "2", "--num-frames", "9"]  # fewer frames than the model's 17: faster
 CPU = torch.device("cpu")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -42,7 +44,7 @@ def base_model(tmp_path_factory):
     """A tiny stand-in for a downloaded CogVideoX-2b: its scheduler is CogVideoXDDIMScheduler, as the real one's.
     Spacing "leading" here, so that the test sees sample.py set trailing itself."""
     folder = tmp_path_factory.mktemp("models") / "CogVideoX-2b"
-    pipe = build_tiny_pipeline()
+    pipe = build_pipeline()
     pipe.scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
     pipe.save_pretrained(folder)
     return folder
@@ -210,8 +212,10 @@ def test_long_prompt_is_truncated_with_a_warning(runs, tmp_path, caplog, monkeyp
 # The released checkpoints, as tiny stand-ins in their exact layouts (official: inference/models/cogvideox_align.py,
 # finetune/scripts/merge.sh, inference/generate.py).
 
-PROJECTOR = {  # CogVideoXTransformer3DModelAlign's extras at width 32, projector_dim 16, align_dims [12]
-    "projectors.0.0.weight": (16, 32), "projectors.0.0.bias": (16,), "projectors.0.2.weight": (16, 16),
+TINY = TRANSFORMER_CONFIGS["tiny"]
+WIDTH = TINY["num_attention_heads"] * TINY["attention_head_dim"]
+PROJECTOR = {  # CogVideoXTransformer3DModelAlign's extras at the tiny width, projector_dim 16, align_dims [12]
+    "projectors.0.0.weight": (16, WIDTH), "projectors.0.0.bias": (16,), "projectors.0.2.weight": (16, 16),
     "projectors.0.2.bias": (16,), "projectors.0.4.weight": (12, 16), "projectors.0.4.bias": (12,),
     "downsampler_cogvideo_output.weight": (12, 12, 3, 3), "downsampler_cogvideo_output.bias": (12,),
 }
@@ -272,7 +276,7 @@ def test_released_2b_samples_as_its_weights_do(base_model, tmp_path):
                  "--lossless", *FAST])
     pipe = CogVideoXPipeline.from_pretrained(base_model, transformer=trained)
     pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
-    want = generate_video(pipe, sample.parse_args([]).prompt[0], 42, steps=2, use_dynamic_cfg=True)
+    want = generate_video(pipe, sample.parse_args([]).prompt[0], 42, num_frames=9, steps=2, use_dynamic_cfg=True)
     assert np.array_equal(read_video(str(out)), want)
 
 
@@ -282,15 +286,15 @@ def test_transformer_missing_a_stock_weight_is_an_error(base_model, tmp_path):
         load(["--model", str(base_model), "--transformer", str(tmp_path / "transformer")])
 
 
-def lora_tensors(rank=4, width=32, layers=2, seed=5):
-    """Random LoRA A and B for every targeted layer, in diffusers key names."""
+def lora_tensors(rank=4, seed=5):
+    """Random LoRA A and B for every targeted layer of the tiny transformer, in diffusers key names."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for block in range(layers):
+    for block in range(TINY["num_layers"]):
         for target in LORA_TARGETS:
             key = f"transformer.transformer_blocks.{block}.attn1.{target}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, width, generator=generator) / width ** 0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(width, rank, generator=generator) / rank ** 0.5
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, WIDTH, generator=generator) / WIDTH ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(WIDTH, rank, generator=generator) / rank ** 0.5
     return tensors
 
 
@@ -320,10 +324,8 @@ def test_released_5b_lora_fuses_at_the_given_scale(base_model, tmp_path):
 
 
 def transformer_output(transformer):
-    generator = torch.Generator().manual_seed(0)
-    latents, text = torch.randn(1, 3, 4, 8, 12, generator=generator), torch.randn(1, 128, 32, generator=generator)
     with torch.no_grad():
-        return transformer(hidden_states=latents, encoder_hidden_states=text, timestep=torch.tensor([500])).sample
+        return transformer(**transformer_inputs(transformer.config)).sample
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])

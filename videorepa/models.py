@@ -1,4 +1,5 @@
-"""CogVideoX pipelines: a tiny one built in code with random weights, or a local CogVideoX directory.
+"""CogVideoX pipelines and transformers: the tiny world's pipeline assembled in code (videorepa/world.py), a local
+CogVideoX directory, the released VideoREPA-2B transformer.
 
 Everything is stock diffusers/transformers; no custom pipeline class, so whatever train.py saves loads with
 `CogVideoXPipeline.from_pretrained`.
@@ -10,16 +11,15 @@ import os
 
 import torch
 
+from .world import TRANSFORMER_CONFIG as TINY_WORLD_TRANSFORMER
 
-# Transformer configurations: the tiny one of the embedded default, and CogVideoX-2B's and -5B's (for random-weight
-# benchmarks and real-size shape checks; real weights come from a local directory).
+# Transformer configurations, one per preset: the tiny world's (the embedded default), and CogVideoX-2B's and -5B's
+# (for random-weight benchmarks and real-size shape checks; real weights come from a local directory).
 _COGVIDEOX = dict(attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512, text_embed_dim=4096,
                   sample_width=90, sample_height=60, sample_frames=49, patch_size=2, temporal_compression_ratio=4,
                   max_text_seq_length=226)
 TRANSFORMER_CONFIGS = {
-    "tiny": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
-                 text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9, patch_size=2,
-                 temporal_compression_ratio=4, max_text_seq_length=128),
+    "tiny": TINY_WORLD_TRANSFORMER,
     "cogvideox-2b": dict(_COGVIDEOX, num_attention_heads=30, num_layers=30),
     "cogvideox-5b": dict(_COGVIDEOX, num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True),
 }
@@ -41,33 +41,24 @@ def build_scheduler():
     )
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """A CogVideoX pipeline small enough for a CPU: 2-block transformer, 4-level VAE of 8 channels, 1-layer T5 with
-    the byte-level ByT5 tokenizer (which needs no vocabulary files). Video 9×64×96 → latents 3×8×12 → 3×4×6 tokens."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline
+def assemble_pipeline(vae, transformer, seed: int = 0):
+    """A pipeline around this VAE and transformer, with the tiny text encoder: a 1-layer T5 (width 32, seeded) and
+    the byte-level ByT5 tokenizer, which needs no vocabulary files."""
+    from diffusers import CogVideoXPipeline
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    transformer = build_transformer("tiny")
-    # The VAE keeps CogVideoX's sample size, 480×720, which sets only its tile size (240×360): VAE tiling leaves the
-    # tiny video whole, as it splits a real one. Tiles of half the tiny size do not divide it, and diffusers' tiled
-    # decode then returns frames of the wrong size (70×110 for 64×96).
-    vae = AutoencoderKLCogVideoX(
-        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
-        temporal_compression_ratio=4,
-    )
+    torch.manual_seed(seed + 1)
     tokenizer = ByT5Tokenizer()
     text_encoder = T5EncoderModel(T5Config(
         vocab_size=tokenizer.vocab_size + 3, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
         dropout_rate=0.0,
     ))
-    scheduler = build_scheduler()
     torch.random.set_rng_state(generator_state)
     for module in (transformer, vae, text_encoder):
         module.eval()  # fresh modules start in train mode (dropout); train.py switches on what it trains
     return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                             scheduler=scheduler)
+                             scheduler=build_scheduler())
 
 
 def load_pipeline(path: str, dtype: torch.dtype | dict = torch.float32):

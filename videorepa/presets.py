@@ -3,8 +3,9 @@
 `cogvideox-2b` and `cogvideox-5b` follow the paper's runs (official: finetune/scripts/multigpu_VideoREPA_2B_sft.sh,
 multigpu_VideoREPA_5B_lora.sh, configs/zero2.yaml): 49×480×720 video, the output of the 18th block aligned, teacher
 at 160×240, 4 clips per GPU, DeepSpeed's WarmupDecayLR as the official run; 2B a full finetune at lr 2e-6 for 4
-epochs, 5B LoRA r = 128, α = 64 at lr 1e-4 for 1 epoch. `tiny` is the embedded default: models built in code with
-random weights, small enough to train on a CPU in minutes; it aligns the output of the first of its two blocks.
+epochs, 5B LoRA r = 128, α = 64 at lr 1e-4 for 1 epoch. `tiny` is the embedded default, the tiny world of
+videorepa/world.py: its pretrained VAE and teacher, a transformer trained from scratch, small enough to train on a
+CPU in minutes; it aligns the output of the second of its four blocks.
 """
 
 from dataclasses import dataclass, replace
@@ -42,9 +43,10 @@ _PAPER = dict(num_frames=49, height=480, width=720, align_layer=18, projector_hi
               teacher_width=240, batch_size=4, lr_scheduler="warmup-decay", warmup_steps=2, max_steps=None)
 
 PRESETS = {
-    "tiny": Preset("tiny", num_frames=9, height=64, width=96, align_layer=1, projector_hidden=64, teacher_height=32,
-                   teacher_width=48, learning_rate=1e-3, lora_learning_rate=1e-3, lora_rank=0, lora_alpha=None,
-                   batch_size=2, lr_scheduler="constant", warmup_steps=0, max_steps=300, num_epochs=None),
+    # The tiny world (videorepa/world.py): aligned after 2 of its 4 blocks; teacher at the clip's own size.
+    "tiny": Preset("tiny", num_frames=17, height=64, width=96, align_layer=2, projector_hidden=128, teacher_height=64,
+                   teacher_width=96, learning_rate=1e-3, lora_learning_rate=1e-3, lora_rank=0, lora_alpha=None,
+                   batch_size=8, lr_scheduler="constant", warmup_steps=0, max_steps=1000, num_epochs=None),
     "cogvideox-2b": Preset("cogvideox-2b", **_PAPER, learning_rate=2e-6, lora_learning_rate=1e-4, lora_rank=0,
                            lora_alpha=None, num_epochs=4),
     "cogvideox-5b": Preset("cogvideox-5b", **_PAPER, learning_rate=2e-6, lora_learning_rate=1e-4, lora_rank=128,

@@ -38,9 +38,9 @@ def _step(balls, dt, height, width, gravity, restitution, friction):
         b.vy += gravity * dt
         b.x += b.vx * dt
         b.y += b.vy * dt
-        if b.y + b.radius > floor:  # bounce off the floor, losing energy
+        if b.y + b.radius > floor:  # bounce off the floor, losing energy; slow impacts come to rest
             b.y = floor - b.radius
-            b.vy = -b.vy * restitution if abs(b.vy) > 30 else 0.0
+            b.vy = -b.vy * restitution if abs(b.vy) > 30 * height / 96 else 0.0
             b.vx *= 1.0 - friction
         for wall, sign in ((b.radius, 1), (width - b.radius, -1)):
             if sign * (b.x - wall) < 0:
@@ -58,6 +58,11 @@ def _step(balls, dt, height, width, gravity, restitution, friction):
                     c.vx, c.vy = c.vx + rel * n[0], c.vy + rel * n[1]
 
 
+def background(height: int, width: int) -> np.ndarray:
+    """The empty scene (sky and floor), uint8 (H, W, 3)."""
+    return _render([], height, width)
+
+
 def _render(balls, height, width):
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     sky = np.linspace(235, 180, height, dtype=np.float32)[:, None, None] * np.ones((1, width, 3), np.float32)
@@ -71,27 +76,30 @@ def _render(balls, height, width):
 
 
 def make_clip(seed: int, num_frames: int = 17, height: int = 96, width: int = 128, fps: int = 8):
-    """(frames uint8 (F, H, W, 3), caption) for one deterministic scene."""
+    """(frames uint8 (F, H, W, 3), caption) for one deterministic scene. Lengths, speeds and gravity scale with
+    the frame height (the scene is laid out for a height of 96 pixels), so a smaller render shows the same motion;
+    a higher `fps` samples the same motion more finely."""
     rng = np.random.default_rng(seed)
     scene = SCENES[seed % len(SCENES)]
     colors = rng.choice(list(COLORS), size=2, replace=False)
     r = float(rng.uniform(0.09, 0.13) * height)
     floor = FLOOR * height
-    gravity, restitution, friction = GRAVITY * height / 96, 0.7, 0.02
+    scale = height / 96
+    gravity, restitution, friction = GRAVITY * scale, 0.7, 0.02
     if scene == "falling":
         balls = [Ball(rng.uniform(0.3, 0.7) * width, r + 2, 0.0, 0.0, r, colors[0])]
         caption = f"A {colors[0]} ball is dropped from rest, falls faster and faster under gravity and bounces on the floor."
     elif scene == "bouncing":
-        vx = float(rng.choice([-1, 1]) * rng.uniform(60, 120))
-        balls = [Ball(width / 2, floor - r - rng.uniform(0.3, 0.5) * height, vx, -200.0, r, colors[0])]
+        vx = float(rng.choice([-1, 1]) * rng.uniform(60, 120)) * scale
+        balls = [Ball(width / 2, floor - r - rng.uniform(0.3, 0.5) * height, vx, -200.0 * scale, r, colors[0])]
         caption = f"A {colors[0]} ball is thrown sideways and bounces along the floor, each bounce lower than the last."
     elif scene == "colliding":
         y = floor - r
-        balls = [Ball(r + 4, y, rng.uniform(120, 180), 0.0, r, colors[0]),
-                 Ball(width - r - 4, y, -rng.uniform(120, 180), 0.0, r, colors[1])]
+        balls = [Ball(r + 4, y, rng.uniform(120, 180) * scale, 0.0, r, colors[0]),
+                 Ball(width - r - 4, y, -rng.uniform(120, 180) * scale, 0.0, r, colors[1])]
         caption = f"A {colors[0]} ball and a {colors[1]} ball roll toward each other, collide and bounce apart."
     else:
-        balls = [Ball(r + 4, floor - r, rng.uniform(150, 250), 0.0, r, colors[0])]
+        balls = [Ball(r + 4, floor - r, rng.uniform(150, 250) * scale, 0.0, r, colors[0])]
         friction = 0.08
         caption = f"A {colors[0]} ball rolls along the floor and slows down because of friction."
     substeps = 8

@@ -20,13 +20,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TEACHERS = ("videomaev2", "videomae", "vjepa2", "tiny")
 
 
+def teacher_pixels(video: torch.Tensor, height: int, width: int, tubelet: int) -> torch.Tensor:
+    """Pixel video (B, F, 3, H, W) in [-1, 1] -> the teacher's input: first frame dropped, whole tubelets kept,
+    resized to height × width, ImageNet-normalised."""
+    frames = video[:, 1:]
+    frames = frames[:, :(frames.shape[1] // tubelet) * tubelet]
+    b, f = frames.shape[:2]
+    # official: finetune/models/cogvideox_t2v_align/lora_trainer.py, compute_loss: F.interpolate(...,
+    # mode='bicubic'), no antialias. It normalises first; both steps are linear, so the order does not matter.
+    frames = F.interpolate(frames.flatten(0, 1).float(), size=(height, width), mode="bicubic",
+                           align_corners=False, antialias=False).unflatten(0, (b, f))
+    mean = torch.tensor(IMAGENET_MEAN, device=frames.device).view(1, 1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=frames.device).view(1, 1, 3, 1, 1)
+    return ((frames + 1) / 2 - mean) / std
+
+
 class VideoTeacher(nn.Module):
     def __init__(self, model: nn.Module, kind: str, height: int, width: int, patch: int, tubelet: int):
         super().__init__()
         self.model, self.kind = model, kind
         self.height, self.width, self.patch, self.tubelet = height, width, patch, tubelet
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
 
@@ -42,15 +55,7 @@ class VideoTeacher(nn.Module):
         return (num_frames - 1) // self.tubelet, self.height // self.patch, self.width // self.patch
 
     def preprocess(self, video: torch.Tensor) -> torch.Tensor:
-        frames = video[:, 1:]
-        usable = (frames.shape[1] // self.tubelet) * self.tubelet
-        frames = frames[:, :usable]
-        b, f = frames.shape[:2]
-        # official: finetune/models/cogvideox_t2v_align/lora_trainer.py, compute_loss: F.interpolate(...,
-        # mode='bicubic'), no antialias. It normalises first; both steps are linear, so the order does not matter.
-        frames = F.interpolate(frames.flatten(0, 1).float(), size=(self.height, self.width), mode="bicubic",
-                               align_corners=False, antialias=False).unflatten(0, (b, f))
-        return ((frames + 1) / 2 - self.mean) / self.std
+        return teacher_pixels(video, self.height, self.width, self.tubelet)
 
     @torch.no_grad()
     def forward(self, video: torch.Tensor) -> torch.Tensor:
@@ -81,21 +86,6 @@ def fit_position_table(model, frames: int, height: int, width: int) -> None:
     embed = model.embeddings.patch_embeddings
     embed.image_size = (height, width)
     embed.num_patches = model.embeddings.num_patches = dst[0] * dst[1] * dst[2]
-
-
-def build_tiny_teacher(height: int, width: int, num_frames: int, seed: int = 1) -> VideoTeacher:
-    """A 2-layer VideoMAE with random weights: enough structure for the embedded default to distil from."""
-    from transformers import VideoMAEConfig, VideoMAEModel
-
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    frames = ((num_frames - 1) // 2) * 2
-    config = VideoMAEConfig(image_size=(height, width), patch_size=16, num_frames=frames, tubelet_size=2,
-                            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                            qkv_bias=True, use_mean_pooling=True)
-    model = VideoMAEModel(config)
-    torch.random.set_rng_state(state)
-    return VideoTeacher(model, "tiny", height, width, 16, 2)
 
 
 # Official VideoMAEv2 (timm-style ViT) names -> transformers VideoMAEModel names.
@@ -184,8 +174,10 @@ def load_teacher(kind: str, path: str | None, height: int, width: int, num_frame
     """A frozen teacher for video of `num_frames` frames, resized to height × width."""
     if kind not in TEACHERS:
         raise ValueError(f"--teacher must be one of {TEACHERS}, got {kind!r}")
-    if kind == "tiny":
-        return build_tiny_teacher(height, width, num_frames)
+    if kind == "tiny":  # the tiny world's VideoMAE, pretrained on its clips
+        from .world import teacher_path
+
+        kind, path = "videomae", teacher_path()
     if not path or not os.path.exists(path):
         raise ValueError(f"--teacher {kind} needs --teacher-path pointing at local weights, got {path!r}")
     frames = num_frames - 1

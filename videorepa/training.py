@@ -16,22 +16,26 @@ def repa_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1).mean()
 
 
+def aligned_block(transformer, align_layer: int) -> nn.Module:
+    """The block whose output is aligned: the align_layer-th, counted from 1 as the paper's --align_layer.
+    official: finetune/models/cogvideox_t2v_align/models/cogvideox_align.py, `if (i + 1) == self.align_layer`"""
+    blocks = transformer.transformer_blocks
+    if not 1 <= align_layer <= len(blocks):
+        raise ValueError(f"--align-layer must be in [1, {len(blocks)}] for this transformer, got {align_layer}")
+    return blocks[align_layer - 1]
+
+
 class VideoREPAModel(nn.Module):
     def __init__(self, transformer, scheduler, aligner: TokenAligner, align_layer: int, align_loss: str = "trd",
                  trd_weight: float = 0.5, margin: float = 0.1, trd_mode: str = "full", trd_backend: str = "auto"):
         super().__init__()
         if align_loss not in ALIGN_LOSSES:
             raise ValueError(f"--align-loss must be one of {ALIGN_LOSSES}, got {align_loss!r}")
-        blocks = len(transformer.transformer_blocks)
-        if not 1 <= align_layer <= blocks:
-            raise ValueError(f"--align-layer must be in [1, {blocks}] for this transformer, got {align_layer}")
         self.transformer, self.aligner = transformer, aligner
         self.scheduler = scheduler
         self.align_loss, self.trd_weight, self.margin = align_loss, trd_weight, margin
         self.trd_mode, self.trd_backend = trd_mode, trd_backend
-        # The output of the align_layer-th block, counted from 1.
-        # official: finetune/models/cogvideox_t2v_align/models/cogvideox_align.py, `if (i + 1) == self.align_layer`
-        self.block_output = BlockOutput(transformer.transformer_blocks[align_layer - 1])
+        self.block_output = BlockOutput(aligned_block(transformer, align_layer))
 
     def alignment(self, hidden: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         student, target = self.aligner(hidden, teacher)

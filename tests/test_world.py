@@ -1,0 +1,111 @@
+"""The tiny world: the committed VAE and teacher load, match the configs the code builds and have learned the clips;
+pretrain_world.py regenerates them."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import pretrain_world  # noqa: E402
+from videorepa import world  # noqa: E402
+from videorepa.physics import track_balls  # noqa: E402
+from videorepa.synthetic import make_clip  # noqa: E402
+
+
+def assets_size_mib() -> float:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(world.ASSETS) for f in files) / 2**20
+
+
+def test_committed_weights_match_the_code_and_stay_small():
+    vae = world.load_vae()
+    for key, value in world.VAE_CONFIG.items():
+        assert vae.config[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert vae.config.scaling_factor != 1.15258426  # set from the trained latents, not diffusers' default
+    built = world.build_vae()
+    assert vae.state_dict().keys() == built.state_dict().keys()
+    assert all(vae.state_dict()[k].shape == v.shape for k, v in built.state_dict().items())
+    from transformers import VideoMAEModel
+
+    teacher = VideoMAEModel.from_pretrained(world.teacher_path())
+    expected = world.teacher_config()
+    assert teacher.config.num_hidden_layers == world.TEACHER_BLOCKS
+    for key in ("image_size", "patch_size", "num_frames", "tubelet_size", "hidden_size"):
+        got = getattr(teacher.config, key)
+        assert (list(got) if isinstance(got, tuple) else got) == (
+            list(getattr(expected, key)) if isinstance(getattr(expected, key), tuple) else getattr(expected, key)), key
+    assert assets_size_mib() < 5
+
+
+@torch.no_grad()
+def test_committed_vae_reconstructs_the_balls():
+    """A held-out clip of each scene through the VAE: every ball is found again, in its colour, in nearly every
+    frame and near where it was (a latent frame holds 4 frames, and the VAE smears a fast ball over them)."""
+    vae = world.load_vae()
+    for seed in range(30_000_000, 30_000_004):
+        frames, _ = make_clip(seed, **world.CLIP)
+        video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        latents = vae.encode(video).latent_dist.mean
+        assert latents.shape[2:] == (5, 16, 24)
+        out = vae.decode(latents).sample[0].permute(1, 2, 3, 0)
+        recon = ((out + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        truth = {t.color: t for t in track_balls(frames)}
+        found = {t.color: t for t in track_balls(recon)}
+        assert truth.keys() <= found.keys(), seed  # blurred rims can add a few pixels of a neighbouring hue
+        for color, tr in truth.items():
+            got = found[color]
+            assert got.present.mean() >= 0.9, (seed, color)
+            ok = got.present & tr.present
+            assert np.median(np.hypot(got.x[ok] - tr.x[ok], got.y[ok] - tr.y[ok])) < 6.0, (seed, color)
+
+
+@torch.no_grad()
+def test_teacher_tokens_have_relations_beyond_the_margin():
+    """TRD needs teacher relations that a collapsed student misses by more than the 0.1 margin."""
+    from videorepa.teachers import load_teacher
+
+    teacher = load_teacher("tiny", None, world.CLIP["height"], world.CLIP["width"], world.CLIP["num_frames"])
+    frames, _ = make_clip(30_000_005, **world.CLIP)
+    tokens = teacher(torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float() / 127.5 - 1).flatten(1, 3)[0]
+    gram = torch.nn.functional.normalize(tokens, dim=-1) @ torch.nn.functional.normalize(tokens, dim=-1).T
+    assert ((1 - gram) > 0.1).float().mean() > 0.2
+
+
+def test_world_pipeline_and_teacher_shapes():
+    from videorepa.teachers import load_teacher
+
+    pipe = world.build_pipeline(seed=0)
+    assert pipe.vae_scale_factor_spatial == 4 and pipe.vae_scale_factor_temporal == 4
+    teacher = load_teacher("tiny", None, world.CLIP["height"], world.CLIP["width"], world.CLIP["num_frames"])
+    video = torch.zeros(1, world.CLIP["num_frames"], 3, world.CLIP["height"], world.CLIP["width"])
+    assert teacher(video).shape == (1, 8, 8, 12, 64)
+    other = world.build_pipeline(seed=1)
+    assert not torch.equal(pipe.transformer.proj_out.weight, other.transformer.proj_out.weight)
+    assert all(torch.equal(a, b) for a, b in zip(pipe.text_encoder.parameters(), other.text_encoder.parameters()))
+
+
+def test_pretrain_script_writes_loadable_weights(tmp_path):
+    pretrain_world.main(["--output-dir", str(tmp_path), "--vae-steps", "1", "--teacher-steps", "1",
+                         "--teacher-batch-size", "2", "--vae-batch-size", "1"])
+    vae = world.load_vae(str(tmp_path))
+    assert vae.config.latent_channels == world.VAE_CONFIG["latent_channels"]
+    assert os.path.isfile(os.path.join(world.teacher_path(str(tmp_path)), "model.safetensors"))
+    settings = json.loads((tmp_path / "pretrain-vae.json").read_text())
+    assert settings["vae_steps"] == 1 and "teacher_steps" not in settings
+    assert world.fingerprint(str(tmp_path)) != world.fingerprint()
+
+
+def test_missing_weights_name_the_command(tmp_path):
+    with pytest.raises(ValueError, match="python pretrain_world.py"):
+        world.load_vae(str(tmp_path))
+    with pytest.raises(ValueError, match="python pretrain_world.py"):
+        world.teacher_path(str(tmp_path))
+
+
+def test_tube_mask_hides_the_same_patches_in_every_tubelet():
+    mask = pretrain_world.tube_mask(3, (4, 2, 5), 0.7, torch.Generator().manual_seed(0))
+    assert mask.shape == (3, 40) and (mask.view(3, 4, 10).sum(-1) == 7).all()
+    assert (mask.view(3, 4, 10) == mask.view(3, 4, 10)[:, :1]).all()
