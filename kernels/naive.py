@@ -17,8 +17,10 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def _kept_sum(problem: TRDProblem, s_rows, t_rows, s_cols, t_cols) -> torch.Tensor:
-    """Σ relu(|Ŝ − T̂| − margin), float32, over the pairs the mode keeps: the problem's rows against all columns."""
-    excess = F.relu(((s_rows @ s_cols.mT) - (t_rows @ t_cols.mT)).abs() - problem.margin).float()
+    """Σ relu(|Ŝ − T̂| − margin), in float32 (float64 for float64 inputs), over the pairs the mode keeps: the
+    problem's rows against all columns."""
+    excess = F.relu(((s_rows @ s_cols.mT) - (t_rows @ t_cols.mT)).abs() - problem.margin)
+    excess = excess.to(compute_dtype(excess))
     if problem.mode == "full":
         return excess.sum()
     frame = torch.arange(problem.tokens, device=excess.device) // problem.tokens_per_frame
@@ -29,7 +31,8 @@ def _kept_sum(problem: TRDProblem, s_rows, t_rows, s_cols, t_cols) -> torch.Tens
 def naive_trd_loss(problem: TRDProblem) -> torch.Tensor:
     s = _normalize(problem.student)
     t = _normalize(problem.teacher)
-    return _kept_sum(problem, s, t, s, t) / problem.num_pairs
+    # The float32 loss is the last step: dividing a float32 sum by the pair count would round 1/P in the gradient.
+    return (_kept_sum(problem, s, t, s, t) / problem.num_pairs).float()
 
 
 class _Doubled(torch.autograd.Function):
@@ -54,5 +57,5 @@ def naive_shard_trd_loss(problem: TRDProblem, student_rows: torch.Tensor, teache
     doubled, is the exact one; the columns stay constants."""
     own = _kept_sum(problem, _normalize(student_rows), _normalize(teacher_rows), _normalize(problem.student),
                     _normalize(problem.teacher))
-    total = all_reduce(own.detach().double()).float()
-    return (total + (_Doubled.apply(own) - 2 * own.detach())) / problem.num_pairs
+    total = all_reduce(own.detach().double()).to(own.dtype)
+    return ((total + (_Doubled.apply(own) - 2 * own.detach())) / problem.num_pairs).float()

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .fused import differentiable_once, engine_for, gradient_scale, loss_and_gradient
+from .normalization import compute_dtype
 from .validation import validate
 
 
@@ -58,10 +59,17 @@ def _save_gradients(ctx, inputs, output):
 
 @differentiable_once
 def _scale_gradients(ctx, grad_loss, *_):
-    # The product in float32, rounded to the gradient's dtype once: `g * grad_loss` would cast a 0-dim CUDA
-    # grad_loss to g's bf16 first (0.3 -> 0.30078125, a 0.26 % bias), as measured on an H100.
-    scaled = [(g.float() * grad_loss).to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, ctx.need)]
+    scaled = [_times(g, grad_loss) if need else None for g, need in zip(ctx.saved_tensors, ctx.need)]
     return (*scaled, *[None] * 8)
+
+
+def _times(g: Tensor, grad_loss: Tensor) -> Tensor:
+    """g · grad_loss in g's dtype, multiplied in float32 (float64 for float64 g). `g * grad_loss` would round a
+    0-dim CUDA grad_loss to g's bf16 first (0.3 -> 0.30078125, a 0.26 % bias, seen on an H100); as a 1-element
+    tensor of g's rank it takes part in type promotion, and `out=` writes g's dtype without a float32 copy of g
+    (CUDA casts inside the kernel)."""
+    scale = grad_loss.reshape((1,) * g.dim()).to(compute_dtype(g))
+    return torch.mul(g, scale, out=torch.empty_like(g))
 
 
 trd_loss_and_gradient.register_autograd(_scale_gradients, setup_context=_save_gradients)

@@ -107,10 +107,12 @@ def _config(num_warps, num_stages, block_m, block_n, block_k, block_d):
 
 # The first of each family is the default. bf16's, timed on an H100 (bench/results/h100-2026-11-25-sweep.json):
 # 64×128 tiles ran the training case in 2.05 ms at B = 4, N = 3,600 and 32.3 ms at N = 32,400, against 3.92 and
-# 65.6 ms for the spill-free 128×64 tiles, despite 152 bytes of register spills in sm_90 compiles. bf16 has no
-# 32-wide D chunk: 8 warps, 4 stages and BLOCK_D = 32 gave NaN gradients there whenever D was not a multiple of 32
-# (bench/results/h100-2026-11-25/fused-candidates-nan.txt). Three-TF32 dots (float32 inputs, and float16's float32
-# gradient weights) hold high and low parts of their operands: narrow K and D chunks.
+# 65.6 ms for the spill-free 128×64 tiles, despite register spills in sm_90 compiles (152 bytes with triton 3.6,
+# 192 with 3.9). No bf16 operand runs 32-wide D chunks: 8 warps, 4 stages and BLOCK_D = 32 gave NaN gradients for
+# bf16 inputs whenever D was not a multiple of 32 (bench/results/h100-2026-11-25/fused-candidates-nan.txt; cause
+# not found), so select_config widens them to 64 where a bf16 input meets a float16 or float32 family. Three-TF32
+# dots (float32 inputs, and float16's float32 gradient weights) hold high and low parts of their operands: narrow K
+# and D chunks.
 CANDIDATES = {
     "bf16": [_config(4, 3, 64, 128, 64, 64), _config(8, 3, 128, 64, 64, 64), _config(8, 3, 128, 128, 64, 64),
              _config(4, 4, 64, 64, 64, 64)],
@@ -124,9 +126,13 @@ def select_config(problem: TRDProblem) -> LaunchConfig:
     """The launch configuration for a problem, by rule: a pure function of its shapes and dtypes."""
     if interpreter_enabled():
         return INTERPRETER_CONFIG
-    family = CANDIDATES[dtype_family(problem.student.dtype, problem.teacher.dtype)]
+    dtypes = (problem.student.dtype, problem.teacher.dtype)
+    family = CANDIDATES[dtype_family(*dtypes)]
     fitting = [c for c in family if c["BLOCK_M"] <= max(16, triton.next_power_of_2(problem.tokens))]
-    return fitting[0] if fitting else min(family, key=lambda c: c["BLOCK_M"] * c["BLOCK_N"])
+    config = fitting[0] if fitting else min(family, key=lambda c: c["BLOCK_M"] * c["BLOCK_N"])
+    if torch.bfloat16 in dtypes and config["BLOCK_D"] < 64:  # mixed with float16 or float32: see CANDIDATES
+        config = LaunchConfig.of(config.num_warps, config.num_stages, **{**dict(config.params), "BLOCK_D": 64})
+    return config
 
 
 def fused_launch(problem: TRDProblem, r_s, r_t, need_s: bool, need_t: bool, config: LaunchConfig):

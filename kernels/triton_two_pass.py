@@ -279,7 +279,7 @@ def select_configs(problem: TRDProblem, need_s: bool, need_t: bool) -> tuple[Lau
     # 256-wide D chunks where they divide the width: timed on an H100 at B = 1, N = 32,400, D = 768, pass 2 with
     # them took the step from 10.9 to 8.6 ms (bench/results/h100-2026-11-25-sweep.json).
     pass2 = PASS2_CANDIDATES[family][0]
-    if family == "bf16" and s.shape[2] % 256 == 0 and (not need_t or t.shape[2] % 256 == 0):
+    if family == "bf16" and all(x.shape[2] % 256 == 0 for x, need in ((s, need_s), (t, need_t)) if need):
         pass2 = PASS2_CANDIDATES[family][1]
     operand_bytes = problem.tokens * (s.shape[2] * s.element_size() + t.shape[2] * t.element_size())
     return pass1, pass2, 8 if operand_bytes > L2_GROUP_BYTES else 1

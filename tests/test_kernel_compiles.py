@@ -1,6 +1,6 @@
 """The Triton kernels, compiled for real for the H100 (sm_90) through Triton's NVIDIA backend, which needs no GPU:
 every launch candidate compiles, runs its matmuls on Hopper's tensor cores (wgmma), fits in shared memory, and the
-configurations the rule picks for the training case keep their tiles in registers. The interpreter checks what the
+configurations the rule picks for the training case spill no more than the H100 timings allow. The interpreter checks what the
 kernels compute; this checks what the compiler makes of them."""
 
 import json
@@ -55,8 +55,9 @@ def test_every_candidate_compiles_for_hopper(tmp_path, monkeypatch):
         found = [row for row in rows if row["variant"] == variant and picked(row)]
         assert len(found) == 1, (variant, found)
         chosen[variant] = found[0]
-        # The fused pick spills 152 bytes and still ran 1.9× faster on an H100 than the spill-free 128×64 tiles.
-        assert found[0]["local_bytes"] <= (200 if variant.startswith("fused") else 8), found[0]
+        # The fused pick spills (152 bytes with triton 3.6, 192 with 3.9) and still ran 1.9× faster on an H100 than
+        # the spill-free 128×64 tiles.
+        assert found[0]["local_bytes"] <= (256 if variant.startswith("fused") else 8), found[0]
     # Pass 2's loop issues its instructions beside 8 MMAs (1,024 tensor-core cycles per 128-pair step): with a
     # 2-bit map, unpacking took it to 922-980 instructions (~1,900 issue cycles, half the tensor rate); reading
     # an int8 map, 422-640.

@@ -103,7 +103,7 @@ def test_peak_memory_counts_live_tensors_only():
 
 def test_launch_configs_are_chosen_by_rule(monkeypatch):
     # The same problem gets the same tiles in every process (no timing), hence the same bits; the rule follows the
-    # dtype family, the problem's size and the gradients asked for (spilling tiles avoided).
+    # dtype family, the problem's size and the gradients asked for, and the H100 sweep's timings.
     from videorepa.kernels import triton_fused, triton_two_pass
     from videorepa.kernels.validation import validate
 
@@ -126,7 +126,10 @@ def test_launch_configs_are_chosen_by_rule(monkeypatch):
     assert select(problem(3600, torch.float16, torch.float16), False, False)[0]["BLOCK"] == 128
     mixed = select(problem(3600, torch.bfloat16, torch.float32), True, False)
     assert mixed[0] in triton_two_pass.PASS1_CANDIDATES["fp32"] and mixed[1] in triton_two_pass.PASS2_CANDIDATES["fp32"]
+    assert select(problem(3600), False, True)[1]["BLOCK_D"] == 256  # the teacher's width alone decides
     assert triton_fused.select_config(paper) == triton_fused.CANDIDATES["bf16"][0]
+    for other in (torch.float16, torch.float32):  # a bf16 input never gets 32-wide D chunks (NaN on an H100)
+        assert triton_fused.select_config(problem(3600, torch.bfloat16, other))["BLOCK_D"] == 64
     assert triton_fused.select_config(problem(40, torch.float32, torch.float32))["BLOCK_M"] == 64
 
 

@@ -280,6 +280,14 @@ def test_two_pass_tilings(configs):
         check_explicit_configs(student, teacher, "two-pass", configs, mode, frame)
 
 
+def test_two_pass_wide_feature_chunks():
+    # The rule's 256-wide pass-2 chunks on widths they do not divide (300, 260), both gradients.
+    gen = torch.Generator().manual_seed(16)
+    student, teacher = torch.randn(1, 70, 300, generator=gen), torch.randn(1, 70, 260, generator=gen)
+    check_explicit_configs(student.bfloat16(), teacher.bfloat16(), "two-pass", two_pass_configs(64, 256, 1, 64),
+                           "full", None)
+
+
 def test_fused_tall_and_wide_tiles():
     # Unequal row and column tiles exercise the spatial column range and the masks.
     gen = torch.Generator().manual_seed(10)
@@ -425,6 +433,21 @@ def test_grad_output_is_applied_in_float32(backend):
     (scaled,) = torch.autograd.grad(0.3 * trd_loss(student, teacher, backend=backend[0], schedule=backend[1]),
                                     student)
     assert torch.equal(scaled, (once.float() * 0.3).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0][0] in ("torch", "naive")])
+def test_float64_gradients_stay_float64(backend):
+    # float64 gradients keep float64's precision (not float32's 1e-8) through the scaling by grad_output and by
+    # 1/P. The loss itself is float32, so the weight is one float32 holds exactly.
+    gen = torch.Generator().manual_seed(25)
+    student, teacher = torch.randn(2, 40, 10, generator=gen).double(), torch.randn(2, 40, 6, generator=gen).double()
+    for weight in (1.0, 0.375):
+        s, t = student.to(DEVICE).clone().requires_grad_(), teacher.to(DEVICE).clone().requires_grad_()
+        (weight * trd_loss(s, t, backend=backend[0])).backward()
+        s_ref, t_ref = student.to(DEVICE).clone().requires_grad_(), teacher.to(DEVICE).clone().requires_grad_()
+        (weight * reference_trd(s_ref, t_ref, 0.1, "full", None)).backward()
+        assert s.grad.dtype == torch.float64
+        assert relative_error(s.grad, s_ref.grad) < 1e-12 and relative_error(t.grad, t_ref.grad) < 1e-12
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda" or torch.cuda.device_count() < 2, reason="needs two GPUs")
