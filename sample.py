@@ -24,6 +24,7 @@ import torch
 from videorepa.attention import ATTENTION, attention_kernel, resolve_attention
 from videorepa.models import generate_video, load_transformer
 from videorepa.presets import video_size_error
+from videorepa.synthetic import falling_caption
 
 DEFAULT_RUN = os.path.join("runs", "tiny")
 SCHEDULERS = {"dpm": "CogVideoXDPMScheduler", "ddim": "CogVideoXDDIMScheduler"}
@@ -80,7 +81,7 @@ def parse_args(argv=None):
             args.prompt = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
         if not args.prompt:
             p.error(f"--prompts {args.prompts!r} holds no prompt")
-    args.prompt = args.prompt or ["A red ball falls and bounces on the floor."]
+    args.prompt = args.prompt or [falling_caption("red")]
     if args.output and len(args.prompt) * len(args.seed) > 1:
         p.error("--output takes one prompt and one seed; use --output-dir for several")
     size_error = video_size_error(args.num_frames, args.height, args.width)

@@ -29,6 +29,7 @@ from videorepa.data import BatchOrder, PositionedDataset, VideoCaptionDataset, c
 from videorepa.kernels import BACKENDS, MODES
 from videorepa.parallel import gather_state, init_process_groups, no_gradient_sync, wait_for_everyone, wrap
 from videorepa.presets import PRESETS, get_preset, video_size_error
+from videorepa.synthetic import falling_caption
 from videorepa.teachers import TEACHERS
 from videorepa.training import ALIGN_LOSSES
 
@@ -378,7 +379,7 @@ def write_validation_videos(args, pipe, step, device, autocast_dtype, write=True
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     pipe.transformer.eval()
-    for i, prompt in enumerate(args.validation_prompt or ["A red ball falls and bounces on the floor."]):
+    for i, prompt in enumerate(args.validation_prompt or [falling_caption("red")]):
         with autocast(device, autocast_dtype):
             frames = generate_video(pipe, prompt, args.seed, cfg.num_frames, cfg.height, cfg.width,
                                     args.validation_steps)

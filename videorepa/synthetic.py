@@ -58,6 +58,12 @@ def _step(balls, dt, height, width, gravity, restitution, friction):
                     c.vx, c.vy = c.vx + rel * n[0], c.vy + rel * n[1]
 
 
+def falling_caption(color: str) -> str:
+    """The caption of a falling clip; in this wording it is also the samplers' default prompt, which the tiny
+    model follows best in the captions' own words."""
+    return f"A {color} ball is dropped from rest, falls faster and faster under gravity and bounces on the floor."
+
+
 def background(height: int, width: int) -> np.ndarray:
     """The empty scene (sky and floor), uint8 (H, W, 3)."""
     return _render([], height, width)
@@ -88,7 +94,7 @@ def make_clip(seed: int, num_frames: int = 17, height: int = 96, width: int = 12
     gravity, restitution, friction = GRAVITY * scale, 0.7, 0.02
     if scene == "falling":
         balls = [Ball(rng.uniform(0.3, 0.7) * width, r + 2, 0.0, 0.0, r, colors[0])]
-        caption = f"A {colors[0]} ball is dropped from rest, falls faster and faster under gravity and bounces on the floor."
+        caption = falling_caption(colors[0])
     elif scene == "bouncing":
         vx = float(rng.choice([-1, 1]) * rng.uniform(60, 120)) * scale
         balls = [Ball(width / 2, floor - r - rng.uniform(0.3, 0.5) * height, vx, -200.0 * scale, r, colors[0])]
