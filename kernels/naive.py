@@ -21,11 +21,8 @@ def _kept_sum(problem: TRDProblem, s_rows, t_rows, s_cols, t_cols) -> torch.Tens
     problem's rows against all columns."""
     excess = F.relu(((s_rows @ s_cols.mT) - (t_rows @ t_cols.mT)).abs() - problem.margin)
     excess = excess.to(compute_dtype(excess))
-    if problem.mode == "full":
-        return excess.sum()
-    frame = torch.arange(problem.tokens, device=excess.device) // problem.tokens_per_frame
-    same = frame[slice(*problem.row_range), None] == frame[None, :]
-    return excess[:, same if problem.mode == "spatial" else ~same].sum()
+    keep = problem.kept_pairs(slice(*problem.row_range), slice(None))
+    return excess.sum() if keep is None else excess[:, keep].sum()
 
 
 def naive_trd_loss(problem: TRDProblem) -> torch.Tensor:

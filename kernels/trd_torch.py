@@ -59,14 +59,9 @@ def _spatial_frames(problem, s, t, r_s, r_t, start, end, out_s, out_t, loss, nee
 
 def _rectangle(problem, s, t, r_s, r_t, rows, cols, out_s, out_t, loss, need_grad):
     """Rows `rows` against columns `cols` (slices of the N tokens), every kept pair once; gradients of the rows."""
-    keep = None
-    if problem.mode != "full":
-        frame = torch.arange(problem.tokens, device=s.device) // problem.tokens_per_frame
-        keep = frame[rows, None] == frame[None, cols]
-        if problem.mode == "temporal":
-            keep = ~keep
     excess, g = _pair_block((s[:, rows], s[:, cols], r_s[:, rows], r_s[:, cols]),
-                            (t[:, rows], t[:, cols], r_t[:, rows], r_t[:, cols]), problem.margin, keep, need_grad)
+                            (t[:, rows], t[:, cols], r_t[:, rows], r_t[:, cols]), problem.margin,
+                            problem.kept_pairs(rows, cols), need_grad)
     loss += excess.sum(dim=(1, 2))
     offset = problem.row_range[0]
     for x, r, out in ((s, r_s, out_s), (t, r_t, out_t)):
@@ -109,14 +104,12 @@ def torch_engine(problem: TRDProblem, norms_s, norms_t, need_s: bool, need_t: bo
     for grad in (out_s, out_t):
         if grad is not None:
             grad.zero_()
-    frame = torch.arange(tokens, device=s.device) // frame_len
     for start in range(0, tokens, block_rows):
         end = min(tokens, start + block_rows)
         rows, cols, size = slice(start, end), slice(start, None), end - start
-        keep = frame[rows, None] != frame[None, cols] if problem.mode == "temporal" else None
         excess, g = _pair_block((s[:, rows], s[:, cols], r_s[:, rows], r_s[:, cols]),
-                                (t[:, rows], t[:, cols], r_t[:, rows], r_t[:, cols]), problem.margin, keep,
-                                need_grad)
+                                (t[:, rows], t[:, cols], r_t[:, rows], r_t[:, cols]), problem.margin,
+                                problem.kept_pairs(rows, cols), need_grad)
         loss += excess[..., :size].sum(dim=(1, 2)) + 2.0 * excess[..., size:].sum(dim=(1, 2))
         del excess
         for x, r, out in ((s, r_s, out_s), (t, r_t, out_t)):

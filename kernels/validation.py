@@ -36,6 +36,14 @@ class TRDProblem:
     def row_range(self) -> tuple[int, int]:
         return self.rows if self.rows is not None else (0, self.tokens)
 
+    def kept_pairs(self, rows: slice, cols: slice) -> Optional[torch.Tensor]:
+        """Which pairs of token rows × columns the mode keeps, (rows, cols) bool; None in mode "full" (all)."""
+        if self.mode == "full":
+            return None
+        frame = torch.arange(self.tokens, device=self.student.device) // self.tokens_per_frame
+        same = frame[rows, None] == frame[None, cols]
+        return same if self.mode == "spatial" else ~same
+
 
 def count_pairs(tokens: int, tokens_per_frame: int, mode: str) -> int:
     """Token pairs (i, j), i == j included, that `mode` keeps in one clip."""
