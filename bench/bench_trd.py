@@ -238,8 +238,9 @@ def environment(device: str) -> dict:
     commit = os.environ.get("VIDEOREPA_COMMIT")
     if not commit:
         try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+            # "-dirty" when tracked files differ from the commit: the figures are then not that commit's
+            commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                                    text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
         except OSError:
             commit = ""
     try:

@@ -104,7 +104,8 @@ def launch_arguments(variant: Variant, config, tokens: int, dim: int, tokens_per
     if variant.kernel == "pass1":
         return kernel, args, kwargs
     kernel, _, args, kwargs, _ = triton_two_pass.pass2_launch(
-        problem, student, norms, norms, pair_map, radial, torch.ones(1), 0, 1, configs)
+        problem, student, torch.ones(2, 1, tokens), pair_map, radial, torch.ones(1, dtype=torch.float64),
+        torch.ones(1), False, 0, 1, configs)
     return kernel, args, kwargs
 
 

@@ -8,7 +8,8 @@ run stays within the sum. A part that overruns is cut (its process group killed)
 finished is kept: the benchmarks rewrite their JSON after every row and start no new measurement within a margin
 of their budget's end.
 
-  tests  the kernel tests on the device against float64 (VIDEOREPA_TEST_DEVICE=cuda pytest tests/test_trd_loss.py);
+  tests  the kernel tests on the device against float64, and the training patterns and compiled steps around them
+         (VIDEOREPA_TEST_DEVICE=cuda pytest TEST_PATHS);
          pass, fail and skip counts are read from pytest's per-test lines, so a cut run still counts.
   bench  bench_trd.py at every headline shape (paper B=4 N=3600 D=768; full grid B=1 N=32400; student width 1920),
          bf16, fwd and fwd+bwd, every implementation; the paper shape again on independent randn inputs and in
@@ -48,10 +49,16 @@ PARTS = ("tests", "bench", "train")
 BUDGETS_S = {"cuda": {"tests": 130, "bench": 240, "train": 90}, "cpu": {"tests": 60, "bench": 90, "train": 60}}
 # The benchmarks start no new measurement this long before their budget ends: the longest single one expected.
 SOFT_MARGIN_S = {"cuda": 25, "cpu": 10}
-TEST_PATHS = ["tests/test_trd_loss.py"]
+# The kernel tests against float64, and the training patterns and torch.compile steps around them (the
+# multi-process tests among them need two GPUs).
+TEST_PATHS = ["tests/test_trd_loss.py", "tests/test_trd_inputs.py", "tests/test_training_patterns.py",
+              "tests/test_compile.py"]
 QUICK_TEST_FILTER = "(torch or naive) and not triton"
-TEST_LINE = [re.compile(r"^(\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b"),  # pytest -v
-             re.compile(r"^\[gw\d+\]\s+\[\s*\d+%\]\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(\S+::\S+)")]  # -n
+# A test id is path::name[parameters], and parameters may hold spaces ("[margin must be >= 0]").
+TEST_ID = r"\S+::[^\s\[]+(?:\[.*?\])?"
+OUTCOME = "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
+TEST_LINE = [re.compile(rf"^({TEST_ID})\s+({OUTCOME})\b"),  # pytest -v
+             re.compile(rf"^\[gw\d+\]\s+\[\s*\d+%\]\s+({OUTCOME})\s+({TEST_ID})\s*$")]  # pytest -n
 # "collected 124 items / 78 deselected / 46 selected" (plain) or "4 workers [46 items]" (-n, after -k)
 SELECTED = re.compile(r"collected (\d+) items?(?: / \d+ deselected)?(?: / (\d+) selected)?|\[(\d+) items?\]")
 
@@ -215,8 +222,8 @@ def parse_args(argv=None):
     p.add_argument("--tests-filter", help=f"pytest -k expression (default with --quick on cpu: {QUICK_TEST_FILTER!r}: "
                                           "the interpreter runs the Triton tests too slowly for a quick run)")
     p.add_argument("--tests-workers", type=int,
-                   help="pytest-xdist processes, which compile kernels in parallel (default: 4 on cuda where "
-                        "pytest-xdist is installed, else 1)")
+                   help="pytest-xdist processes, which compile kernels in parallel (default on cuda where pytest-xdist "
+                        "is installed: half the CPU cores, 2 to 8; else 1)")
     p.add_argument("--commit", help="the commit to record where the checkout has no .git (default: git's HEAD)")
     p.add_argument("--part", choices=["bench"], help=argparse.SUPPRESS)  # a child process running one part
     p.add_argument("--soft-budget-s", type=float, help=argparse.SUPPRESS)
@@ -227,7 +234,7 @@ def parse_args(argv=None):
         args.tests_filter = QUICK_TEST_FILTER
     if args.tests_workers is None:
         xdist = importlib.util.find_spec("xdist") is not None
-        args.tests_workers = 4 if args.device == "cuda" and xdist else 1
+        args.tests_workers = min(8, max(2, (os.cpu_count() or 4) // 2)) if args.device == "cuda" and xdist else 1
     for part in PARTS:
         key = f"{part}_budget_s"
         if getattr(args, key) is None:

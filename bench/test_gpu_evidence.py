@@ -34,7 +34,7 @@ def test_quick_run_counts_the_tests_it_ran(quick_run):
     out, results = quick_run
     tests = results["tests"]
     log = (out / "log.txt").read_text()
-    assert tests["passed"] == len(re.findall(r"^tests/test_trd_loss.py::\S+ PASSED", log, re.M)) > 20
+    assert tests["passed"] == len(re.findall(r"^tests/test_\w+\.py::.+? PASSED", log, re.M)) > 20
     assert tests["failed"] == tests["error"] == 0 and tests["selected"] == tests["passed"]
     assert f"{tests['passed']} passed, 0 failed, 0 errors" in (out / "summary.md").read_text()
 
@@ -97,15 +97,16 @@ def test_pytest_lines_are_counted_with_and_without_workers():
     assert gpu_evidence.parse_pytest(["collected 124 items\n"])["selected"] == 124
     plain = ["collected 7 items / 2 deselected / 5 selected\n", "tests/t.py::test_a[x-1] PASSED  [ 20%]\n",
              "tests/t.py::test_b FAILED [ 40%]\n", "tests/t.py::test_c SKIPPED (no gpu) [ 60%]\n",
-             "tests/t.py::test_d ERROR [ 80%]\n"]
+             "tests/t.py::test_d ERROR [ 80%]\n", "tests/t.py::test_e[margin must be >= 0] PASSED [100%]\n"]
     counts = gpu_evidence.parse_pytest(plain)
-    assert [counts[k] for k in ("selected", "passed", "failed", "skipped", "error")] == [5, 1, 1, 1, 1]
+    assert [counts[k] for k in ("selected", "passed", "failed", "skipped", "error")] == [5, 2, 1, 1, 1]
     assert counts["failing"] == ["tests/t.py::test_b", "tests/t.py::test_d"]
     workers = ["4 workers [3 items]\n", "[gw0] [ 33%] PASSED tests/t.py::test_a[x-1] \n",
-               "[gw1] [ 66%] PASSED tests/t.py::test_b \n", "[gw2] [100%] FAILED tests/t.py::test_c \n"]
+               "[gw1] [ 66%] PASSED tests/t.py::test_b \n", "[gw2] [100%] FAILED tests/t.py::test_c \n",
+               "[gw3] [100%] FAILED tests/t.py::test_d[a (B, N) b] \n"]
     counts = gpu_evidence.parse_pytest(workers)
     assert (counts["selected"], counts["passed"], counts["failed"], counts["failing"]) == (
-        3, 2, 1, ["tests/t.py::test_c"])
+        3, 2, 2, ["tests/t.py::test_c", "tests/t.py::test_d[a (B, N) b]"])
 
 
 def test_the_sweep_runs_coarse_sizes_first():

@@ -97,8 +97,8 @@ def trd_loss(
 
         schedule = resolve_schedule(problem, schedule, need_s, need_t)
         if schedule == "two-pass":
-            return ops.trd_two_pass(s, t, *arguments, need_s, need_t)[0]
-    return ops.trd_loss_and_gradient(s, t, *arguments, chosen, schedule, need_s, need_t, "")[0]
+            return ops.two_pass_op(s, t, *arguments, need_s, need_t)[0]
+    return ops.loss_and_gradient_op(s, t, *arguments, chosen, schedule, need_s, need_t, "")[0]
 
 
 def _sharded_trd_loss(student, teacher, margin, mode, tokens_per_frame, backend, schedule, group) -> torch.Tensor:
@@ -115,4 +115,4 @@ def _sharded_trd_loss(student, teacher, margin, mode, tokens_per_frame, backend,
         return naive_sharded_trd_loss(s, t, *arguments, group)
     need_s = torch.is_grad_enabled() and s.requires_grad
     need_t = torch.is_grad_enabled() and t.requires_grad
-    return ops.trd_loss_and_gradient(s, t, *arguments, chosen, schedule, need_s, need_t, group.group_name)[0]
+    return ops.loss_and_gradient_op(s, t, *arguments, chosen, schedule, need_s, need_t, group.group_name)[0]

@@ -19,8 +19,8 @@ from .trd_torch import torch_engine
 from .validation import TRDProblem
 
 # engine(problem, need_student_grad, need_teacher_grad) -> (per-clip loss sums (B,) of the problem's rows, finish)
-#   finish(scale (B,)) -> (dL/dstudent, dL/dteacher) of those rows, in the inputs' dtypes, or None where not asked:
-#   scale is dL/dx̂_i / Σ_j g_ij x̂_j (2/P, see `gradient_scale`).
+#   finish(clip_sums (B,)) -> (dL/dstudent, dL/dteacher) of those rows, in the inputs' dtypes, or None where not
+#   asked, given the per-clip loss sums of all rows (every process's): they set the scale (see `gradient_scale`).
 Finish = Callable[[torch.Tensor], tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
 Engine = Callable[[TRDProblem, bool, bool], tuple[torch.Tensor, Finish]]
 
@@ -61,7 +61,8 @@ def hat_engine(engine) -> Engine:
         clip_sums, hat_s, hat_t = engine(problem, norms_s, norms_t, need_s, need_t)
         rows = slice(*problem.row_range)
 
-        def finish(scale):
+        def finish(all_clip_sums):
+            scale = gradient_scale(all_clip_sums, problem.num_pairs)
             grads = []
             for x, (r, clamped), hat, sign in ((problem.student, norms_s, hat_s, 1.0),
                                                (problem.teacher, norms_t, hat_t, -1.0)):
@@ -104,12 +105,12 @@ def loss_and_gradient(problem: TRDProblem, engine: Engine, need_s: bool, need_t:
         else:  # a process holding no tokens still joins the reduction and gets its (empty) gradients
             clip_sums = torch.zeros(problem.batch, dtype=torch.float64, device=s.device)
 
-            def finish(scale):
+            def finish(all_clip_sums):
                 return tuple(x[:, start:end].clone() if need else None
                              for x, need in ((problem.student, need_s), (problem.teacher, need_t)))
 
         if all_reduce is not None:
             clip_sums = all_reduce(clip_sums.double())
         loss = (clip_sums.sum() / problem.num_pairs).float()
-        grads = finish(gradient_scale(clip_sums, problem.num_pairs)) if need_s or need_t else (None, None)
+        grads = finish(clip_sums) if need_s or need_t else (None, None)
     return (loss, *grads)

@@ -189,13 +189,13 @@ def _add_columns(acc, MAP, b, NTILES, slot, X, R, N, col_block, ds, d_ok, x_stri
     return _weighted_dot(w, x, acc, WIDE, PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _pass2_kernel(
-    X, R, Q, MAP, CPART, COEF, OUT,
-    N, ROW0, ROW_END, D, FRAME, NB, NBAND, NTILES,
+    X, R, Q, MAP, CPART, CLIP_SUMS, GRAD_OUTPUT, OUT,
+    N, ROW0, ROW_END, D, FRAME, NB, NBAND, NTILES, num_pairs,
     x_stride_b, x_stride_n, x_stride_d, out_stride_b, out_stride_n,
-    MODE: tl.constexpr, RECT: tl.constexpr, WHO: tl.constexpr, NWHO: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    MODE: tl.constexpr, RECT: tl.constexpr, WHO: tl.constexpr, NWHO: tl.constexpr, NEGATE: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     row_block = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
@@ -232,7 +232,12 @@ def _pass2_kernel(
     q = tl.load(Q + b * N + rows, mask=row_ok, other=0.0)
     mask = row_ok[:, None] & d_ok[None, :]
     x = tl.load(X + b * x_stride_b + rows[:, None] * x_stride_n + ds[None, :] * x_stride_d, mask=mask, other=0.0)
-    grad = tl.load(COEF + b) * (r[:, None] * acc - (q * radial)[:, None] * x.to(tl.float32))
+    # coef = 2/P · grad_output (see fused.gradient_scale), in float64 and rounded once; 0·(the clip's loss sum) makes
+    # the gradient of a clip whose loss is NaN all NaN. Negated for the teacher (Δ = Ŝ − T̂).
+    coef = (tl.load(CLIP_SUMS + b) * 0.0 + 2.0 / num_pairs.to(tl.float64)) * tl.load(GRAD_OUTPUT).to(tl.float64)
+    if NEGATE:
+        coef = -coef
+    grad = coef.to(tl.float32) * (r[:, None] * acc - (q * radial)[:, None] * x.to(tl.float32))
     tl.store(OUT + b * out_stride_b + (rows - ROW0)[:, None] * out_stride_n + ds[None, :],
              grad.to(OUT.dtype.element_ty), mask=mask)
 
@@ -355,9 +360,11 @@ def pass1_launch(problem, r_s, r_t, need_s: bool, need_t: bool, configs):
     return _pass1_kernel, (programs, problem.batch), args, kwargs, (loss_part, pair_map, radial)
 
 
-def pass2_launch(problem, x, r, q, pair_map, radial, coef, who: int, nwho: int, configs):
+def pass2_launch(problem, x, norms, pair_map, radial, clip_sums, grad_output, teacher: bool, who: int, nwho: int,
+                 configs):
     """(kernel, grid, args, kwargs, gradient) of pass 2 for input x (the student's or the teacher's, all N
-    tokens): the gradient of the problem's rows."""
+    tokens, with `norms_launch`'s output for it): the gradient of the problem's rows, given the per-clip loss sums
+    of all rows and grad_output (1 element)."""
     pass1, pass2, _ = configs
     block = pass1["BLOCK"]
     blocks, row_blocks, band, tiles = tile_grid(problem, block)
@@ -365,23 +372,25 @@ def pass2_launch(problem, x, r, q, pair_map, radial, coef, who: int, nwho: int, 
     out = new_output((x.shape[0], end - start, x.shape[2]), x.device, x.dtype)
     block_d = fitted_block(pass2["BLOCK_D"], x.shape[2])
     grid = (row_blocks, triton.cdiv(x.shape[2], block_d), problem.batch)
-    args = (x, r, q, pair_map, radial, coef, out, problem.tokens, start, end, x.shape[2],
-            problem.tokens_per_frame, blocks, band, tiles, *x.stride(), out.stride(0), out.stride(1))
-    kwargs = dict(MODE=MODE_IDS[problem.mode], RECT=problem.rows is not None, WHO=who, NWHO=nwho,
+    args = (x, norms[0], norms[1], pair_map, radial, clip_sums, grad_output, out, problem.tokens, start, end,
+            x.shape[2], problem.tokens_per_frame, blocks, band, tiles, problem.num_pairs, *x.stride(), out.stride(0),
+            out.stride(1))
+    kwargs = dict(MODE=MODE_IDS[problem.mode], RECT=problem.rows is not None, WHO=who, NWHO=nwho, NEGATE=teacher,
                   WIDE=wide_weights(x.dtype), BLOCK=block, PRECISION=dot_precision(x.dtype),
                   **{**pass2.launch_kwargs(), "BLOCK_D": block_d})
     return _pass2_kernel, grid, args, kwargs, out
 
 
 def norms_launch(x):
-    """(kernel, grid, args, kwargs, (r, q)) of the inverse-norm pre-pass for x (B, N, D)."""
+    """(kernel, grid, args, kwargs, norms) of the inverse-norm pre-pass for x (B, N, D): norms (2, B, N) holds r
+    and the radial factor q, for pass 1 and for x's pass 2."""
     batch, tokens, dim = x.shape
-    r = new_output((batch, tokens), x.device)
-    q = new_output((batch, tokens), x.device)
     rows = batch * tokens
-    args = (x, r, q, rows, tokens, dim, *x.stride(), EPS)
+    # q's row starts 16-byte aligned, as r's: Triton specialises pointers on that, one compile for every B·N.
+    norms = new_output((2, triton.cdiv(rows, 4) * 4), x.device)[:, :rows].view(2, batch, tokens)
+    args = (x, norms[0], norms[1], rows, tokens, dim, *x.stride(), EPS)
     kwargs = dict(BLOCK_ROWS=16, BLOCK_D=fitted_block(128, dim), num_warps=4)
-    return _norms_kernel, (triton.cdiv(rows, 16),), args, kwargs, (r, q)
+    return _norms_kernel, (triton.cdiv(rows, 16),), args, kwargs, norms
 
 
 def launch(kernel, grid, args, kwargs, outputs):
@@ -395,37 +404,37 @@ def clip_sum(loss_part: torch.Tensor) -> torch.Tensor:
 
 
 def two_pass_forward(problem: TRDProblem, need_s: bool, need_t: bool, configs):
-    """Pass 1: (per-clip loss sums of the problem's rows, pair map, radial partials); the map and partials are
-    stand-ins unless a gradient is wanted."""
+    """Pass 1: (per-clip loss sums of the problem's rows, pair map, radial partials, the student's and the
+    teacher's norms); the map and partials are stand-ins unless a gradient is wanted."""
     check_inputs(problem.student, problem.teacher)
     with device_of(problem.student):
-        r_s, r_t = launch(*norms_launch(problem.student))[0], launch(*norms_launch(problem.teacher))[0]
-        loss_part, pair_map, radial = launch(*pass1_launch(problem, r_s, r_t, need_s, need_t, configs))
-    return clip_sum(loss_part), pair_map, radial
+        norms_s, norms_t = launch(*norms_launch(problem.student)), launch(*norms_launch(problem.teacher))
+        loss_part, pair_map, radial = launch(*pass1_launch(problem, norms_s[0], norms_t[0], need_s, need_t, configs))
+    return clip_sum(loss_part), pair_map, radial, norms_s, norms_t
 
 
-def two_pass_gradient(problem: TRDProblem, x, pair_map, radial, coef, who: int, nwho: int, configs):
-    """Pass 2: dL/dx of the problem's rows for x (all N tokens of the student or of the teacher), from pass 1's
-    map and partials; coef per clip is 2/P times grad_output, negated for the teacher."""
+def two_pass_gradient(problem: TRDProblem, x, norms, pair_map, radial, clip_sums, grad_output, teacher: bool,
+                      who: int, nwho: int, configs):
+    """Pass 2: dL/dx of the problem's rows for x (all N tokens of the student or of the teacher) from pass 1's
+    map, partials and x's norms; `clip_sums` are the per-clip loss sums of all rows (every process's)."""
     with device_of(x):
-        r, q = launch(*norms_launch(x))
-        return launch(*pass2_launch(problem, x, r, q, pair_map, radial, coef, who, nwho, configs))
+        return launch(*pass2_launch(problem, x, norms, pair_map, radial, clip_sums, grad_output, teacher, who, nwho,
+                                    configs))
 
 
 def two_pass_engine(problem: TRDProblem, need_s: bool, need_t: bool):
     """Both passes in one call (a `fused.Engine`): for a share of the rows, whose gradient is computed in forward
     so that backward needs neither the other processes nor their tokens, and for the loss alone."""
     configs = select_configs(problem, need_s, need_t)
-    clip_sums, pair_map, radial = two_pass_forward(problem, need_s, need_t, configs)
+    clip_sums, pair_map, radial, norms_s, norms_t = two_pass_forward(problem, need_s, need_t, configs)
     nwho = int(need_s) + int(need_t)
 
-    def finish(scale):
-        coef = scale.float()
-        grad_s = two_pass_gradient(problem, problem.student, pair_map, radial, coef, 0, nwho, configs) \
-            if need_s else None
-        grad_t = two_pass_gradient(problem, problem.teacher, pair_map, radial, -coef, nwho - 1, nwho, configs) \
-            if need_t else None
-        return grad_s, grad_t
+    def finish(all_clip_sums):
+        unit = all_clip_sums.new_ones(1)  # grad_output: autograd's backward scales the finished gradient
+        return tuple(two_pass_gradient(problem, x, norms, pair_map, radial, all_clip_sums, unit, teacher, who, nwho,
+                                       configs) if need else None
+                     for x, norms, need, teacher, who in ((problem.student, norms_s, need_s, False, 0),
+                                                          (problem.teacher, norms_t, need_t, True, nwho - 1)))
 
     return clip_sums, finish
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from devices import DEVICE
 from videorepa import TRDLoss
 
 BACKENDS = [
@@ -32,15 +33,34 @@ def gradients(fn, projector, criterion, x, teacher):
 def test_compiled_step_matches_eager_for_any_token_count(backend):
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(3)
-    projector = nn.Linear(10, 16)
+    projector = nn.Linear(10, 16).to(DEVICE)
     criterion = TRDLoss(margin=0.1, mode="temporal", tokens_per_frame=FRAME, backend=backend[0],
                         schedule=backend[1])
     compiled = torch.compile(step, fullgraph=True, dynamic=True)
     for frames in (5, 7):  # N = 40, then 56: symbolic sizes, and the second N must not recompile
-        x = torch.randn(2, frames * FRAME, 10, generator=gen)
-        teacher = torch.randn(2, frames * FRAME, 12, generator=gen)
+        x = torch.randn(2, frames * FRAME, 10, generator=gen).to(DEVICE)
+        teacher = torch.randn(2, frames * FRAME, 12, generator=gen).to(DEVICE)
         expected = gradients(step, projector, criterion, x, teacher)
         with torch._dynamo.config.patch(error_on_recompile=frames > 5):
             got = gradients(compiled, projector, criterion, x, teacher)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_traced_calls_use_the_operators(backend):
+    # Eager calls skip the operators' dispatch, but whatever traces the loss must meet the operators (with their
+    # fake implementations), never Triton's launcher: compiled autograd over an eager forward, and make_fx.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gen = torch.Generator().manual_seed(5)
+    student = torch.randn(2, 5 * FRAME, 10, generator=gen).to(DEVICE).requires_grad_()
+    teacher = torch.randn(2, 5 * FRAME, 12, generator=gen).to(DEVICE)
+    criterion = TRDLoss(margin=0.1, mode="temporal", tokens_per_frame=FRAME, backend=backend[0], schedule=backend[1])
+    (expected,) = torch.autograd.grad(criterion(student, teacher), student)
+    loss = criterion(student, teacher)
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+        loss.backward()
+    torch.testing.assert_close(student.grad, expected, rtol=1e-5, atol=1e-7)
+    graph = make_fx(lambda s, t: criterion(s, t), tracing_mode="fake")(student.detach(), teacher)
+    assert [node for node in graph.graph.nodes if str(node.target).startswith("videorepa.")]

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from devices import DEVICE, TWO_PROCESSES_POSSIBLE
 from multiprocess import run_processes
 from videorepa.kernels import trd_loss
 
@@ -23,15 +24,16 @@ BACKENDS = {"two-pass": ("triton", "two-pass"), "fused": ("triton", "fused"), "t
 FRAME, TOKENS, WIDTH = 8, 24, 10
 
 
-def make_module(seed=0) -> nn.Module:
+def make_module(seed=0, device=DEVICE) -> nn.Module:
     """Stands in for the network that produces the student tokens (a DiT block and its projector)."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(WIDTH, 32), nn.GELU(), nn.Linear(32, 16))
+    return nn.Sequential(nn.Linear(WIDTH, 32), nn.GELU(), nn.Linear(32, 16)).to(device)
 
 
-def make_batch(clips=2, seed=1):
+def make_batch(clips=2, seed=1, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(clips, TOKENS, WIDTH, generator=gen), torch.randn(clips, TOKENS, 12, generator=gen)
+    return (torch.randn(clips, TOKENS, WIDTH, generator=gen).to(device),
+            torch.randn(clips, TOKENS, 12, generator=gen).to(device))
 
 
 def loss_of(student, teacher, backend, **kwargs):
@@ -101,7 +103,7 @@ def test_bf16_autocast_with_float32_master_weights(backend):
     # gradients within bf16's rounding of the float32 step's.
     x, teacher = make_batch()
     module = make_module()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         student = module(x)
         loss = loss_of(student, teacher, backend)
     assert student.dtype == torch.bfloat16 and loss.dtype == torch.float32
@@ -138,16 +140,17 @@ def wrap(module, wrapper):
 
 
 def full_gradients(module):
-    return [getattr(p.grad, "full_tensor", lambda: p.grad)().clone() for p in module.parameters()]
+    return [getattr(p.grad, "full_tensor", lambda: p.grad)().cpu() for p in module.parameters()]
 
 
 def data_parallel_worker(rank, world, scenarios):
     """Per scenario, this rank's gradients after one step: data parallel (a clip per rank) or the token axis of
     one clip split across the ranks (the module runs on this rank's tokens, the loss sees all of them)."""
+    device = torch.device("cuda", rank) if DEVICE.type == "cuda" else DEVICE
     results = {}
     for wrapper, split, backend in scenarios:
-        module = wrap(make_module(), wrapper)
-        x, teacher = make_batch()
+        module = wrap(make_module(device=device), wrapper)
+        x, teacher = make_batch(device=device)
         if split:
             # Each rank's backward gives its tokens' part of the gradient of the whole clips' loss; DDP and FSDP
             # average the ranks' gradients, so the loss is scaled by the group's size to sum them instead.
@@ -166,9 +169,10 @@ SCENARIOS = [("ddp", False, "two-pass"), ("ddp", False, "torch"), ("fsdp", False
 
 @functools.lru_cache(maxsize=None)
 def data_parallel_results():
-    return run_processes(2, data_parallel_worker, SCENARIOS)
+    return run_processes(2, data_parallel_worker, SCENARIOS, device_type=DEVICE.type)
 
 
+@pytest.mark.skipif(not TWO_PROCESSES_POSSIBLE, reason="needs two GPUs")
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=["-".join(map(str, s)).replace("False", "clip-per-rank")
                                                      .replace("True", "split-tokens") for s in SCENARIOS])
 def test_data_parallel_matches_plain_step(scenario):
@@ -176,7 +180,7 @@ def test_data_parallel_matches_plain_step(scenario):
     # The plain step over both clips: the mean over both clips' pairs is the mean of the two clips' losses.
     expected = plain_step(scenario[2], x, teacher)
     for rank in data_parallel_results():
-        assert_same(rank[scenario], expected)
+        assert_same(rank[scenario], [g.cpu() for g in expected])
 
 
 def test_readme_trainer_example_runs_on_two_processes(tmp_path):
