@@ -385,9 +385,8 @@ def norms_launch(x):
     """(kernel, grid, args, kwargs, norms) of the inverse-norm pre-pass for x (B, N, D): norms (2, B, N) holds r
     and the radial factor q, for pass 1 and for x's pass 2."""
     batch, tokens, dim = x.shape
+    norms = new_output((2, batch, tokens), x.device)
     rows = batch * tokens
-    # q's row starts 16-byte aligned, as r's: Triton specialises pointers on that, one compile for every B·N.
-    norms = new_output((2, triton.cdiv(rows, 4) * 4), x.device)[:, :rows].view(2, batch, tokens)
     args = (x, norms[0], norms[1], rows, tokens, dim, *x.stride(), EPS)
     kwargs = dict(BLOCK_ROWS=16, BLOCK_D=fitted_block(128, dim), num_warps=4)
     return _norms_kernel, (triton.cdiv(rows, 16),), args, kwargs, norms

@@ -64,3 +64,19 @@ def test_traced_calls_use_the_operators(backend):
     torch.testing.assert_close(student.grad, expected, rtol=1e-5, atol=1e-7)
     graph = make_fx(lambda s, t: criterion(s, t), tracing_mode="fake")(student.detach(), teacher)
     assert [node for node in graph.graph.nodes if str(node.target).startswith("videorepa.")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:3])
+def test_operators_pass_opcheck(backend):
+    # The fake implementations must give the real outputs' shapes, dtypes and strides, or a compiled graph fails
+    # its stride checks (or silently misreads the outputs): B·N = 37, a count no tile or alignment divides.
+    from videorepa.kernels import ops
+
+    gen = torch.Generator().manual_seed(6)
+    student = torch.randn(1, 37, 10, generator=gen).to(DEVICE).requires_grad_()
+    teacher = torch.randn(1, 37, 12, generator=gen).to(DEVICE).requires_grad_()
+    if backend[1] == "two-pass":
+        torch.library.opcheck(ops.trd_two_pass, (student, teacher, 0.1, "full", None, True, True))
+    else:
+        torch.library.opcheck(ops.trd_loss_and_gradient,
+                              (student, teacher, 0.1, "full", None, backend[0], backend[1], True, True, ""))
