@@ -21,6 +21,7 @@ import sys
 import numpy as np
 
 from videorepa import world
+from videorepa.presets import get_preset
 from videorepa.synthetic import SCENES, make_clip
 
 EVAL_SEEDS = 20_000_000  # prompts come from captions of clips with seeds from here, apart from training seeds
@@ -35,8 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default="physics-eval", help="default: physics-eval/")
     p.add_argument("--videos-per-scene", type=int, default=4, help="--model: prompts per scene type (default 4)")
     p.add_argument("--steps", type=int, default=50, help="--model: denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
-                   help="--model: classifier-free guidance (default 1: the tiny models sample cleaner without)")
+    p.add_argument("--guidance-scale", type=float, default=get_preset("tiny").guidance_scale,
+                   help="--model: classifier-free guidance (default: the tiny preset's, 1)")
     p.add_argument("--seed", type=int, default=0, help="--model: sampling seed of the first video")
     p.add_argument("--fps", type=float, default=world.CLIP["fps"],
                    help=f"the world's clock, frames per second of the physics (default {world.CLIP['fps']})")

@@ -9,8 +9,9 @@ the released VideoREPA checkpoints on their base models.
 
 The last two run the released VideoREPA-2B and VideoREPA-5B on their base models, as downloaded. Defaults are the
 official inference's (inference/generate.py): CogVideoXDPMScheduler with trailing timestep spacing, dynamic
-classifier-free guidance at scale 6, 50 steps, seed 42, 8 fps, VAE slicing and tiling. Stock diffusers
-CogVideoXPipeline throughout: LoRA weights are fused with `load_lora_weights` and `fuse_lora`.
+classifier-free guidance at scale 6 (or the scale train.py recorded for its preset: 1 for the tiny world), 50
+steps, seed 42, 8 fps, VAE slicing and tiling. Stock diffusers CogVideoXPipeline throughout: LoRA weights are fused
+with `load_lora_weights` and `fuse_lora`.
 """
 
 import argparse
@@ -22,7 +23,7 @@ import sys
 import torch
 
 from videorepa.attention import ATTENTION, attention_kernel, resolve_attention
-from videorepa.models import generate_video, load_transformer
+from videorepa.models import generate_video, load_transformer, recorded_guidance
 from videorepa.presets import video_size_error
 from videorepa.synthetic import falling_caption
 
@@ -57,7 +58,8 @@ def parse_args(argv=None):
                    help="CogVideoXDPMScheduler or CogVideoXDDIMScheduler, on the model's noise schedule")
     g.add_argument("--timestep-spacing", choices=["trailing", "leading", "linspace"], default="trailing")
     g.add_argument("--steps", type=int, default=50, help="denoising steps")
-    g.add_argument("--guidance-scale", type=float, default=6.0)
+    g.add_argument("--guidance-scale", type=float, help="default: what train.py recorded for its preset (1 for the "
+                   "tiny world, which has no unconditional prediction to guide with), else the official 6")
     g.add_argument("--dynamic-cfg", action=argparse.BooleanOptionalAction, default=True,
                    help="CogVideoX's guidance scale that rises over the steps")
     g.add_argument("--seed", type=int, nargs="+", default=[42], help="one or more seeds: one video per seed")
@@ -112,6 +114,15 @@ def resolve_model(path: str | None) -> tuple[str, str | None]:
     return path, None
 
 
+def default_guidance(base: str, lora: str | None, transformer: str | None) -> float:
+    """The scale train.py recorded for the weights that sample (its final/ beside a LoRA or a transformer folder, or
+    the pipeline itself), else the official 6."""
+    places = [os.path.dirname(lora) if lora and os.path.isfile(lora) else lora,
+              os.path.dirname(os.path.normpath(transformer)) if transformer else None, base]
+    recorded = [recorded_guidance(p) for p in places if p]
+    return next((g for g in recorded if g is not None), 6.0)
+
+
 def lora_file(path: str) -> str:
     """The LoRA weights --lora names: a file, or a folder holding diffusers' pytorch_lora_weights.safetensors."""
     if os.path.isdir(path):
@@ -151,6 +162,8 @@ def load(args, device, dtype):
         if lora:
             raise ValueError(f"--lora: --model {args.model!r} is a LoRA output already; name its base as --model")
         lora = lora_file(args.lora)
+    if args.guidance_scale is None:
+        args.guidance_scale = default_guidance(base, lora, args.transformer)
     elif args.lora_scale != 1.0 and not lora:
         raise ValueError("--lora-scale needs LoRA weights: --lora, or a LoRA output as --model")
     components = {}

@@ -20,7 +20,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "numpy", "matplotlib"],
         "bench": ["matplotlib", "numpy"],
-        "train": ["diffusers>=0.32", "transformers>=4.46", "peft>=0.13", "safetensors", "tqdm", "av", "numpy"],
+        "train": ["diffusers>=0.32", "transformers>=4.46", "tokenizers", "peft>=0.13", "safetensors", "tqdm", "av", "numpy"],
         "flash": ["flash-attn>=2.6"],
     },
 )

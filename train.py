@@ -7,8 +7,8 @@
 
 Loss = v-prediction MSE weighted 1/(1 − ᾱ_t) + trd_weight × TRD(projected DiT tokens at --align-layer, teacher
 tokens). Writes OUT/metrics.jsonl (one row per optimizer step), OUT/checkpoint-STEP/ (atomic, last K kept,
---resume latest) and OUT/final/ (a stock diffusers pipeline, or LoRA weights + base path), with the alignment
-heads beside it in OUT/alignment-heads.pt.
+--resume latest) and OUT/final/ (a stock diffusers pipeline, or LoRA weights + base path, and sampling.json: the
+preset's guidance scale, which sample.py takes), with the alignment heads beside it in OUT/alignment-heads.pt.
 """
 
 import argparse
@@ -27,6 +27,7 @@ from videorepa.attention import ATTENTION, attention_kernel, resolve_attention
 from videorepa.checkpoint import latest_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from videorepa.data import BatchOrder, PositionedDataset, VideoCaptionDataset, collate, read_captions
 from videorepa.kernels import BACKENDS, MODES
+from videorepa.models import record_sampling
 from videorepa.parallel import gather_state, init_process_groups, no_gradient_sync, wait_for_everyone, wrap
 from videorepa.presets import PRESETS, get_preset, video_size_error
 from videorepa.synthetic import falling_caption
@@ -234,10 +235,11 @@ def prepare_transformer(args, transformer):
 
 
 def grids(pipe, teacher, cfg):
+    from videorepa.diffusion import token_grid
+
     vae_t, vae_s = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
-    patch = pipe.transformer.config.patch_size
-    student = ((cfg.num_frames - 1) // vae_t + 1, cfg.height // vae_s // patch, cfg.width // vae_s // patch)
-    return student, teacher.grid(cfg.num_frames)
+    latents = (1, (cfg.num_frames - 1) // vae_t + 1, None, cfg.height // vae_s, cfg.width // vae_s)
+    return token_grid(pipe.transformer.config, latents), teacher.grid(cfg.num_frames)
 
 
 def build_dataset(args, rank, world, waiting, pipe, teacher, device):
@@ -360,6 +362,7 @@ def save_final(args, pipe, model, weights):
                       f, indent=1)
     else:
         pipe.save_pretrained(final)
+    record_sampling(final, args.preset_config.guidance_scale)
     heads = {k[len("aligner."):]: v for k, v in weights.items() if k.startswith("aligner.")}
     torch.save(heads, os.path.join(args.output_dir, "alignment-heads.pt"))
     return final
@@ -382,7 +385,7 @@ def write_validation_videos(args, pipe, step, device, autocast_dtype, write=True
     for i, prompt in enumerate(args.validation_prompt or [falling_caption("red")]):
         with autocast(device, autocast_dtype):
             frames = generate_video(pipe, prompt, args.seed, cfg.num_frames, cfg.height, cfg.width,
-                                    args.validation_steps)
+                                    args.validation_steps, cfg.guidance_scale)
         if write:
             write_video(os.path.join(folder, f"step-{step:06d}-{i}.mp4"), frames)
     pipe.transformer.train()
@@ -406,6 +409,7 @@ def main(argv=None):
     dataset = build_dataset(args, rank, world, waiting, pipe, teacher, device)
     if args.lora_rank and args.model is None and rank == 0 and not os.path.isdir(base_model_dir(args)):
         pipe.save_pretrained(base_model_dir(args))  # before the adapters wrap its layers
+        record_sampling(base_model_dir(args), cfg.guidance_scale)  # a pipeline of the preset, sampled as its outputs
     prepare_transformer(args, pipe.transformer)
     student_grid, teacher_grid = grids(pipe, teacher, cfg)
     transformer_dim = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
@@ -450,7 +454,7 @@ def main(argv=None):
         writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
     from tqdm import tqdm
 
-    from videorepa.diffusion import latent_seed, rotary_embeddings, sample_latents
+    from videorepa.diffusion import latent_seed, pad_latent_frames, sample_latents
 
     progress = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     cached = args.cache_dir is not None
@@ -467,11 +471,12 @@ def main(argv=None):
                 latent_dist, embeds, teacher_tokens = encode_inputs(pipe, teacher, batch["video"].to(device),
                                                                     batch["caption"], device)
             latents = sample_latents(pipe.vae, latent_dist, [latent_seed(args.seed, i) for i in batch["index"]])
+            latents = pad_latent_frames(latents, pipe.transformer.config.patch_size_t)
             sync = contextlib.nullcontext() if micro == args.gradient_accumulation_steps - 1 \
                 else no_gradient_sync(trained, parallel)
             with sync:
                 with autocast(device, autocast_dtype), attention_kernel(attention):
-                    out = trained(latents, embeds, teacher_tokens, rotary_embeddings(pipe, latents), generator)
+                    out = trained(latents, embeds, teacher_tokens, generator)
                 finite = torch.isfinite(out["loss"].detach()).float()
                 if world > 1:  # every rank stops together, instead of the others waiting in the gradient all-reduce
                     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)

@@ -128,9 +128,9 @@ def ridge_probe_r2(x, y, clips, ridge: float = 1.0) -> float:
 
 @torch.no_grad()
 def aligned_tokens(transformer, align_layer: int, scheduler, latents, embeds) -> torch.Tensor:
-    """The output of the aligned block (the align_layer-th, as train.py counts) as (N, F', H', W', D), for latents
-    (N, F', C, 2H', 2W') noised to PROBE_TIMESTEP with fixed noise."""
-    from videorepa.diffusion import BlockOutput
+    """The output of the aligned block (the align_layer-th, as train.py counts) as (N, F, H, W, D) on the token grid,
+    for latents (N, F', C, H', W') noised to PROBE_TIMESTEP with fixed noise."""
+    from videorepa.diffusion import BlockOutput, rotary_embeddings, token_grid
     from videorepa.training import aligned_block
 
     hook = BlockOutput(aligned_block(transformer, align_layer))
@@ -139,9 +139,9 @@ def aligned_tokens(transformer, align_layer: int, scheduler, latents, embeds) ->
     for chunk, chunk_embeds in zip(latents.split(8), embeds.split(8)):
         t = torch.full((len(chunk),), PROBE_TIMESTEP)
         noisy = scheduler.add_noise(chunk, torch.randn(chunk.shape, generator=generator), t)
-        transformer(hidden_states=noisy, encoder_hidden_states=chunk_embeds, timestep=t, return_dict=False)
-        f, h, w = chunk.shape[1], chunk.shape[3] // 2, chunk.shape[4] // 2
-        features.append(hook.pop().reshape(len(chunk), f, h, w, -1))
+        transformer(hidden_states=noisy, encoder_hidden_states=chunk_embeds, timestep=t,
+                    image_rotary_emb=rotary_embeddings(transformer, chunk), return_dict=False)
+        features.append(hook.pop().reshape(len(chunk), *token_grid(transformer.config, chunk.shape), -1))
     hook.handle.remove()
     return torch.cat(features)
 
@@ -150,7 +150,7 @@ class Heldout:
     """Held-out clips encoded once: VAE latents (mean), prompt embeddings, teacher tokens, ball tracks."""
 
     def __init__(self, count: int):
-        from videorepa.diffusion import encode_prompts
+        from videorepa.diffusion import encode_prompts, pad_latent_frames
         from videorepa.teachers import load_teacher
 
         cfg = get_preset("tiny")
@@ -159,7 +159,8 @@ class Heldout:
         teacher = load_teacher("tiny", None, cfg.teacher_height, cfg.teacher_width, cfg.num_frames)
         with torch.no_grad():
             mean = torch.cat([pipe.vae.encode(v[None].permute(0, 2, 1, 3, 4)).latent_dist.mean for v in video])
-            self.latents = (mean * pipe.vae.config.scaling_factor).permute(0, 2, 1, 3, 4)  # (N, F', C, H', W')
+            latents = (mean * pipe.vae.config.scaling_factor).permute(0, 2, 1, 3, 4)  # (N, F', C, H', W')
+            self.latents = pad_latent_frames(latents, pipe.transformer.config.patch_size_t)
             self.embeds = encode_prompts(pipe, captions, "cpu")
             self.teacher = torch.cat([teacher(v[None]) for v in video])  # (N, T', H', W', D)
         self.scheduler = pipe.scheduler
@@ -170,7 +171,8 @@ class Heldout:
 
     def student_probe(self, transformer, align_layer: int) -> float:
         features = aligned_tokens(transformer, align_layer, self.scheduler, self.latents, self.embeds)
-        # Latent frame k >= 1 covers pixel frames 4k - 3 ... 4k; tokens are 8 pixels wide (VAE ×4, patch 2).
+        # Token frame k >= 1 covers pixel frames 4k - 3 ... 4k (VAE ×4 in time, one latent frame per token); tokens
+        # are 8 pixels wide (VAE ×4, patch 2).
         return ridge_probe_r2(*probe_samples(self.tracks, features[:, 1:], (1, 4), 8))
 
     @torch.no_grad()
@@ -179,7 +181,7 @@ class Heldout:
         from videorepa.diffusion import diffusion_loss
 
         generator = torch.Generator().manual_seed(1)
-        losses = [diffusion_loss(transformer, self.scheduler, latents, embeds, generator=generator).item()
+        losses = [diffusion_loss(transformer, self.scheduler, latents, embeds, generator).item()
                   for _ in range(repeats)
                   for latents, embeds in zip(self.latents.split(8), self.embeds.split(8))]
         return float(np.mean(losses))

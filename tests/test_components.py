@@ -217,11 +217,13 @@ def transformer_inputs(config, batch=1, latent_frames=2, timestep=500, seed=0) -
 
 def cogvideox_forward():
     """The tiny world's transformer on 2 latent frames: (a call of its forward, its config)."""
+    from videorepa.diffusion import rotary_embeddings
     from videorepa.models import build_transformer
 
     transformer = build_transformer("tiny").eval()
     inputs = transformer_inputs(transformer.config, timestep=10)
-    return lambda: transformer(**inputs), transformer.config
+    rotary = rotary_embeddings(transformer, inputs["hidden_states"])
+    return lambda: transformer(**inputs, image_rotary_emb=rotary), transformer.config
 
 
 def test_sdpa_flash_runs_the_flash_kernel():
@@ -243,12 +245,15 @@ def test_flash_attn_route_calls_flash_attn_with_its_layout():
         out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
 
+    from videorepa.diffusion import token_grid
+
     forward, cfg = cogvideox_forward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = forward()[0]
         with attention_kernel("flash-attn", flash_attn_func=fake_flash_attn_func):
             got = forward()[0]
-    tokens = cfg.max_text_seq_length + 2 * (cfg.sample_height // 2) * (cfg.sample_width // 2)  # text + 2 frames
+    frames, h, w = token_grid(cfg, (1, 2, None, cfg.sample_height, cfg.sample_width))  # 2 latent frames
+    tokens = cfg.max_text_seq_length + frames * h * w
     # (B, L, heads, head_dim), once per block
     assert len(calls) == cfg.num_layers and calls[0][1:] == (tokens, cfg.num_attention_heads, cfg.attention_head_dim)
     torch.testing.assert_close(got, expected)
@@ -387,35 +392,85 @@ def test_transformers_teachers_load_from_local_directories(tmp_path):
         load_teacher("videomae", None, 32, 48, 9)
 
 
-def test_training_step_with_rotary_positions_as_cogvideox_5b():
+@pytest.mark.parametrize("patch_size_t", [None, 2], ids=["cogvideox-5b", "cogvideox-1.5"])
+def test_rotary_positions_are_the_pipelines_own(patch_size_t):
+    """The rotary positions training uses are those CogVideoXPipeline computes when it samples (from pixel sizes),
+    for CogVideoX-5B's layout and for 1.5's temporal patches (latent frames padded as the pipeline pads them)."""
     from diffusers import CogVideoXTransformer3DModel
 
-    from videorepa.diffusion import rotary_embeddings
+    from videorepa.diffusion import pad_latent_frames, rotary_embeddings
     from videorepa.models import TRANSFORMER_CONFIGS
-    from videorepa.training import VideoREPAModel
     from videorepa.world import build_pipeline
 
     pipe = build_pipeline()
-    pipe.transformer = CogVideoXTransformer3DModel(**{**TRANSFORMER_CONFIGS["tiny"],
-                                                      "use_rotary_positional_embeddings": True}).train()
-    cfg = pipe.transformer.config
-    inputs = transformer_inputs(cfg, batch=2, latent_frames=3)
-    grid = (3, cfg.sample_height // 2, cfg.sample_width // 2)
-    teacher_grid = (4, grid[1] // 2, grid[2] // 2)
-    aligner = TokenAligner(cfg.num_attention_heads * cfg.attention_head_dim, 16, 24, grid, teacher_grid)
-    model = VideoREPAModel(pipe.transformer, pipe.scheduler, aligner, align_layer=1)
-    latents = inputs["hidden_states"]
-    rotary = rotary_embeddings(pipe, latents)
-    assert rotary is not None and rotary[0].shape[0] == grid[0] * grid[1] * grid[2]
-    out = model(latents, inputs["encoder_hidden_states"], torch.randn(2, *teacher_grid, 16), rotary,
-                torch.Generator().manual_seed(0))
+    pipe.transformer = CogVideoXTransformer3DModel(**{**TRANSFORMER_CONFIGS["tiny"], "patch_size_t": patch_size_t})
+    latents = pad_latent_frames(torch.randn(1, 5, 8, 16, 24), patch_size_t)
+    cos, sin = rotary_embeddings(pipe.transformer, latents)
+    scale = pipe.vae_scale_factor_spatial
+    expected = pipe._prepare_rotary_positional_embeddings(16 * scale, 24 * scale, latents.shape[1], "cpu")
+    assert torch.equal(cos, expected[0]) and torch.equal(sin, expected[1])
+    assert cos.shape[0] == (latents.shape[1] // (patch_size_t or 1)) * 8 * 12
+    sincos = CogVideoXTransformer3DModel(**{**TRANSFORMER_CONFIGS["tiny"], "use_rotary_positional_embeddings": False})
+    assert rotary_embeddings(sincos, latents) is None
+
+
+def test_latent_frames_are_padded_as_cogvideox_15_samples_them():
+    """Temporal patches (CogVideoX 1.5's patch_size_t) need a latent frame count they divide: copies of the first
+    frame go in front, as the official finetuning pads (ncopy = F % p_t for p_t = 2) and as many as
+    CogVideoXPipeline adds when it samples and drops before decoding."""
+    from videorepa.diffusion import pad_latent_frames
+
+    latents = torch.randn(2, 9, 3, 4, 6)
+    padded = pad_latent_frames(latents, 2)
+    assert padded.shape[1] == 9 + 9 % 2 and torch.equal(padded[:, 0], latents[:, 0])
+    assert torch.equal(padded[:, 1:], latents)
+    pipeline_extra = 2 - 9 % 2  # pipeline_cogvideox.py: additional_frames = p_t - latent_frames % p_t
+    assert padded.shape[1] == 9 + pipeline_extra
+    assert pad_latent_frames(latents, None) is latents and pad_latent_frames(latents[:, :8], 2).shape[1] == 8
+    three = pad_latent_frames(latents[:, :4], 3)
+    assert three.shape[1] == 6 and torch.equal(three[:, :3], latents[:, :1].expand(-1, 3, -1, -1, -1))
+
+
+@pytest.mark.parametrize("patch_size_t", [None, 2], ids=["tiny-world", "cogvideox-1.5"])
+def test_training_step_on_the_token_grid(patch_size_t):
+    """A training step as train.py takes it, for the tiny world's transformer (rotary positions, as CogVideoX-5B)
+    and with CogVideoX 1.5's temporal patches: latents padded, rotary positions of the padded frames, and the
+    aligned block's tokens on the grid train.py gives the aligner."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    import train
+    from videorepa.diffusion import pad_latent_frames
+    from videorepa.models import TRANSFORMER_CONFIGS
+    from videorepa.presets import get_preset
+    from videorepa.teachers import load_teacher
+    from videorepa.training import VideoREPAModel
+    from videorepa.world import TEXT_ENCODER_CONFIG, TEXT_TOKENS, build_pipeline
+
+    pipe, cfg = build_pipeline(), get_preset("tiny")
+    pipe.transformer = CogVideoXTransformer3DModel(**{**TRANSFORMER_CONFIGS["tiny"], "patch_size_t": patch_size_t})
+    pipe.transformer.train()
+    teacher = load_teacher("tiny", None, cfg.teacher_height, cfg.teacher_width, cfg.num_frames)
+    student_grid, teacher_grid = train.grids(pipe, teacher, cfg)
+    assert student_grid == ((5, 8, 12) if patch_size_t is None else (3, 8, 12)) and teacher_grid == (8, 8, 12)
+    width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    aligner = TokenAligner(width, teacher.dim, cfg.projector_hidden, student_grid, teacher_grid)
+    model = VideoREPAModel(pipe.transformer, pipe.scheduler, aligner, cfg.align_layer)
+    latents = pad_latent_frames(torch.randn(2, 5, 8, 16, 24), patch_size_t)
+    out = model(latents, torch.randn(2, TEXT_TOKENS, TEXT_ENCODER_CONFIG["d_model"]),
+                torch.randn(2, *teacher_grid, teacher.dim), torch.Generator().manual_seed(0))
     out["loss"].backward()
-    assert out["loss_align"] > 0 and pipe.transformer.transformer_blocks[0].attn1.to_q.weight.grad is not None
+    assert torch.isfinite(out["loss"]) and out["loss_align"] > 0
+    assert pipe.transformer.transformer_blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
 
 
 def test_diffusion_loss_is_the_official_objective():
     # official: finetune/models/cogvideox_t2v_align/lora_trainer.py, compute_loss: t uniform in [0, 1000), noise
-    # added by the scheduler, v turned into x0 by get_velocity, squared error weighted 1/(1 − ᾱ_t), per-clip mean.
+    # added by the scheduler, v turned into x0 by get_velocity, squared error weighted 1/(1 − ᾱ_t), per-clip mean;
+    # the tiny world's transformer (as CogVideoX-5B's) with the pipeline's rotary positions.
+    from types import SimpleNamespace
+
+    from diffusers import CogVideoXPipeline
+
     from videorepa.diffusion import diffusion_loss
     from videorepa.models import build_scheduler, build_transformer
 
@@ -428,12 +483,18 @@ def test_diffusion_loss_is_the_official_objective():
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (3,), generator=gen).long()
         noise = torch.randn(latents.shape, generator=gen)
         noisy = scheduler.add_noise(latents, noise, timesteps)
+        sizes = SimpleNamespace(transformer=transformer, vae_scale_factor_spatial=4)
+        rotary = CogVideoXPipeline._prepare_rotary_positional_embeddings(sizes, 4 * latents.shape[3],
+                                                                         4 * latents.shape[4], latents.shape[1], "cpu")
         predicted = transformer(hidden_states=noisy, encoder_hidden_states=embeds, timestep=timesteps,
-                                return_dict=False)[0]
+                                image_rotary_emb=rotary, return_dict=False)[0]
         latent_pred = scheduler.get_velocity(predicted, noisy, timesteps)
         weights = (1 / (1 - scheduler.alphas_cumprod[timesteps])).view(3, 1, 1, 1, 1)
         official = torch.mean((weights * (latent_pred - latents) ** 2).reshape(3, -1), dim=1).mean()
+        unpositioned = transformer(hidden_states=noisy, encoder_hidden_states=embeds, timestep=timesteps,
+                                   return_dict=False)[0]
     torch.testing.assert_close(ours, official)
+    assert not torch.allclose(predicted, unpositioned)  # the positions are there, and they matter
 
 
 def test_latents_take_the_models_scaling_factor_as_the_official_5b_rescale():

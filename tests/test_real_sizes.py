@@ -23,12 +23,7 @@ def meta_transformer(name):
 
 def stand_in_pipeline(transformer):
     """What train.py reads from a CogVideoX pipeline besides its weights: the VAE's ×4 time and ×8 space."""
-    from diffusers import CogVideoXPipeline
-
-    pipe = SimpleNamespace(transformer=transformer, vae_scale_factor_temporal=4, vae_scale_factor_spatial=8)
-    pipe._prepare_rotary_positional_embeddings = lambda *a: CogVideoXPipeline._prepare_rotary_positional_embeddings(
-        pipe, *a)
-    return pipe
+    return SimpleNamespace(transformer=transformer, vae_scale_factor_temporal=4, vae_scale_factor_spatial=8)
 
 
 @pytest.mark.parametrize("name", ["tiny", *REAL])
@@ -54,11 +49,9 @@ def test_presets_align_the_output_of_the_kth_block_as_the_paper_counts(name):
     cfg = transformer.config
     device = next(transformer.parameters()).device
     latents = torch.randn(1, 2, cfg.in_channels, cfg.sample_height, cfg.sample_width, device=device)
-    rotary = None
-    if cfg.use_rotary_positional_embeddings:
-        from videorepa.diffusion import rotary_embeddings
+    from videorepa.diffusion import rotary_embeddings
 
-        rotary = rotary_embeddings(stand_in_pipeline(transformer), latents)
+    rotary = rotary_embeddings(transformer, latents)
     transformer(hidden_states=latents, encoder_hidden_states=torch.randn(1, cfg.max_text_seq_length,
                 cfg.text_embed_dim, device=device), timestep=torch.tensor([10], device=device), image_rotary_emb=rotary)
     assert model.block_output.pop() is outputs[preset.align_layer - 1]
@@ -109,10 +102,10 @@ def test_a_training_step_at_the_papers_size(tmp_path, name, relation_grid, token
     latents = torch.empty(1, 13, cfg.in_channels, 60, 90, device="meta")
     from videorepa.diffusion import rotary_embeddings
 
-    rotary = rotary_embeddings(pipe, latents)
+    rotary = rotary_embeddings(pipe.transformer, latents)
     assert (rotary is not None) == (name == "cogvideox-5b")
     text = torch.empty(1, 226, 4096, device="meta")
-    out = model(latents, text, teacher_tokens, rotary, torch.Generator().manual_seed(0))
+    out = model(latents, text, teacher_tokens, torch.Generator().manual_seed(0))
     assert out["loss"].shape == out["loss_align"].shape == ()
     out["loss"].backward()
     assert aligner.projector.net[0].weight.grad.shape == (preset.projector_hidden, width)

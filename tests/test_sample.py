@@ -19,7 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from test_components import transformer_inputs  # noqa: E402
-from videorepa.models import TRANSFORMER_CONFIGS, build_transformer, generate_video  # noqa: E402
+from videorepa.models import TRANSFORMER_CONFIGS, build_transformer, generate_video, text_length  # noqa: E402
 from videorepa.synthetic import write_dataset  # noqa: E402
 from videorepa.video_io import read_video  # noqa: E402
 from videorepa.world import build_pipeline  # noqa: E402
@@ -159,8 +159,9 @@ def fps_of(path):
 
 def test_defaults_are_the_official_inference():
     args = sample.parse_args([])
-    assert (args.scheduler, args.timestep_spacing, args.dynamic_cfg, args.guidance_scale, args.steps, args.seed,
-            args.fps, args.vae_slicing, args.vae_tiling) == ("dpm", "trailing", True, 6.0, 50, [42], 8, True, True)
+    assert (args.scheduler, args.timestep_spacing, args.dynamic_cfg, args.steps, args.seed, args.fps,
+            args.vae_slicing, args.vae_tiling) == ("dpm", "trailing", True, 50, [42], 8, True, True)
+    assert args.guidance_scale is None  # the model's recorded scale, else the official 6 (next test)
 
 
 def test_pipeline_runs_with_the_official_settings(base_model, tmp_path, monkeypatch):
@@ -177,6 +178,28 @@ def test_pipeline_runs_with_the_official_settings(base_model, tmp_path, monkeypa
     assert kwargs["num_inference_steps"] == 2 and kwargs["generator"].initial_seed() == 42
     assert pipe.vae.use_slicing and pipe.vae.use_tiling
     assert fps_of(tmp_path / "a.mp4") == 8
+
+
+@pytest.mark.parametrize("run", ["full", "lora"])
+def test_tiny_world_outputs_sample_at_the_guidance_their_preset_recorded(runs, tmp_path, monkeypatch, run):
+    """train.py records its preset's guidance beside the weights (tiny: 1, no unconditional model to guide with);
+    sample.py takes it unless --guidance-scale says otherwise."""
+    assert json.loads((runs / run / "final" / "sampling.json").read_text()) == {"guidance_scale": 1.0}
+    calls = spy_on_pipeline(monkeypatch)
+    sample.main(["--model", str(runs / run), "--output", str(tmp_path / "a.mp4"), *FAST])
+    sample.main(["--model", str(runs / run), "--output", str(tmp_path / "b.mp4"), "--guidance-scale", "4", *FAST])
+    assert [kwargs["guidance_scale"] for _, kwargs in calls] == [1.0, 4.0]
+
+
+def test_recorded_guidance_travels_with_the_weights_that_sample(runs, base_model, tmp_path, monkeypatch):
+    """A train.py LoRA or transformer put on another pipeline samples at the scale recorded beside it, and that
+    pipeline alone at the official 6; so does a LoRA run's saved base."""
+    calls = spy_on_pipeline(monkeypatch)
+    for extra in (["--lora", str(runs / "lora" / "final" / "pytorch_lora_weights.safetensors")],
+                  ["--transformer", str(runs / "full" / "final" / "transformer")], []):
+        sample.main(["--model", str(base_model), "--output", str(tmp_path / f"{len(calls)}.mp4"), *extra, *FAST])
+    sample.main(["--model", str(runs / "lora" / "base-model"), "--output", str(tmp_path / "base.mp4"), *FAST])
+    assert [kwargs["guidance_scale"] for _, kwargs in calls] == [1.0, 1.0, 6.0, 1.0]
 
 
 def test_flags_change_each_setting(base_model, tmp_path, monkeypatch):
@@ -197,16 +220,18 @@ def test_flags_change_each_setting(base_model, tmp_path, monkeypatch):
 
 def test_long_prompt_is_truncated_with_a_warning(runs, tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(logging.getLogger("diffusers"), "propagate", True)
-    long_prompt = "A red ball falls off a table, bounces twice and rolls away. " * 5  # 300 bytes
+    long_prompt = "A red ball falls off a table, bounces twice and rolls away. " * 5  # 70 words and marks
     out = tmp_path / "long.mp4"
     with caplog.at_level(logging.WARNING):
         sample.main(["--model", str(runs / "full"), "--prompt", long_prompt, "--output", str(out), "--lossless",
                      *FAST])
     assert any("truncated" in record.getMessage() for record in caplog.records)
-    # ByT5 reads one token per byte, and its end-of-text token makes 128: the first 127 bytes are what counts.
-    cut = sample.parse_args(["--model", str(runs / "full"), "--prompt", long_prompt[:127], *FAST])
-    pipe = sample.load(cut, CPU, torch.float32)
-    assert np.array_equal(read_video(str(out)), sample.generate(pipe, cut.prompt[0], cut.seed[0], cut))
+    # What counts is the prompt's first tokens, as many as the end token leaves room for.
+    args = sample.parse_args(["--model", str(runs / "full"), *FAST])
+    pipe = sample.load(args, CPU, torch.float32)
+    kept = pipe.tokenizer.decode(pipe.tokenizer(long_prompt).input_ids[:text_length(pipe) - 1])
+    assert len(kept) < len(long_prompt) / 2
+    assert np.array_equal(read_video(str(out)), sample.generate(pipe, kept, args.seed[0], args))
 
 
 # The released checkpoints, as tiny stand-ins in their exact layouts (official: inference/models/cogvideox_align.py,

@@ -87,6 +87,39 @@ def test_world_pipeline_and_teacher_shapes():
     assert all(torch.equal(a, b) for a, b in zip(pipe.text_encoder.parameters(), other.text_encoder.parameters()))
 
 
+def test_tokenizer_reads_each_caption_word_as_one_token():
+    """Every word of every caption has a token of its own (colours among them), other words read as <unk>, each
+    prompt ends in T5's end token."""
+    from videorepa.synthetic import COLORS, caption_texts
+
+    tokenizer = world.build_tokenizer()
+    unk = tokenizer.unk_token_id
+    for text in caption_texts():
+        ids = tokenizer(text).input_ids
+        assert ids[-1] == tokenizer.eos_token_id and unk not in ids and len(ids) <= world.TEXT_TOKENS
+    colours = [tokenizer(f"A {c} ball").input_ids[1] for c in COLORS]
+    assert len(set(colours)) == len(COLORS)
+    assert tokenizer("A RED ball, wobbling.").input_ids == [*tokenizer("a red ball").input_ids[:3],
+                                                           tokenizer.convert_tokens_to_ids(","), unk,
+                                                           tokenizer.convert_tokens_to_ids("."), 1]
+
+
+def test_world_pipeline_saves_and_loads_its_text_encoder(tmp_path):
+    from diffusers import CogVideoXPipeline
+
+    from videorepa.diffusion import encode_prompts
+    from videorepa.synthetic import falling_caption
+
+    pipe = world.build_pipeline(seed=0)
+    pipe.save_pretrained(str(tmp_path))
+    loaded = CogVideoXPipeline.from_pretrained(str(tmp_path))
+    prompts = [falling_caption("red"), falling_caption("blue")]
+    embeds = encode_prompts(pipe, prompts, "cpu")
+    assert embeds.shape == (2, world.TEXT_TOKENS, world.TEXT_ENCODER_CONFIG["d_model"])
+    torch.testing.assert_close(encode_prompts(loaded, prompts, "cpu"), embeds, rtol=0, atol=0)
+    assert not torch.allclose(embeds[0], embeds[1])  # the colour is in the text
+
+
 def test_pretrain_script_writes_loadable_weights(tmp_path):
     pretrain_world.main(["--output-dir", str(tmp_path), "--vae-steps", "1", "--teacher-steps", "1",
                          "--teacher-batch-size", "2", "--vae-batch-size", "1"])

@@ -1,9 +1,11 @@
 """From DiT hidden states to tokens that line up one-to-one with the teacher's, shapes derived, never hard-coded.
 
-Student grid (F, H, W) of latent frames × patches; teacher grid (T', H', W'). Two ways to pair them:
-- "teacher" (the paper's): drop the first latent frame (the VAE encodes the first pixel frame alone, and the
-  teacher never sees it), resample time trilinearly to T', and a learned Conv2d with kernel = stride = H/H' maps
-  space onto the teacher's grid. N = T'·H'·W' (3,600 at CogVideoX-2B).
+Student grid (F, H, W) of the transformer's tokens (latent frames × patches, or latent frame pairs × patches with
+CogVideoX 1.5's temporal patches); teacher grid (T', H', W'). Two ways to pair them:
+- "teacher" (the paper's): drop the first token frame (it holds the first pixel frame, which the VAE encodes alone
+  and the teacher never sees; with 1.5's temporal patches, beside the copy that pads it, or beside the next latent
+  frame where nothing pads), resample time trilinearly to T', and a learned Conv2d with kernel = stride = H/H'
+  maps space onto the teacher's grid. N = T'·H'·W' (3,600 at CogVideoX-2B).
 - "student": the same in time, but the teacher is resampled up to the student's full spatial grid and no conv is
   learned. N = T'·H·W (32,400 at CogVideoX-2B): only a kernel that never builds N×N makes that affordable.
 """

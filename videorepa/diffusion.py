@@ -44,23 +44,48 @@ def encode_prompts(pipe, captions: list[str], device) -> torch.Tensor:
     return embeds
 
 
-def rotary_embeddings(pipe, latents: torch.Tensor):
-    """3-D rotary position embeddings for models that use them (CogVideoX-5B), else None."""
-    if not pipe.transformer.config.use_rotary_positional_embeddings:
+def pad_latent_frames(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
+    """Latents (B, F', C, H', W') with copies of the first frame in front until F' is a multiple of the
+    transformer's temporal patch (CogVideoX 1.5's patch_size_t; None: unchanged). CogVideoXPipeline samples the
+    same number of extra frames and drops them before decoding.
+    official: zai-org/CogVideo finetune/models/cogvideox_t2v/lora_trainer.py (compute_loss)"""
+    extra = -latents.shape[1] % patch_size_t if patch_size_t else 0
+    return torch.cat([latents[:, :1].expand(-1, extra, -1, -1, -1), latents], 1) if extra else latents
+
+
+def token_grid(transformer_config, latent_shape) -> tuple[int, int, int]:
+    """(frames, height, width) of the transformer's video tokens for latents (B, F', C, H', W') padded as
+    `pad_latent_frames` does."""
+    patch, patch_t = transformer_config.patch_size, transformer_config.patch_size_t or 1
+    _, frames, _, h, w = latent_shape
+    return -(-frames // patch_t), h // patch, w // patch
+
+
+def rotary_embeddings(transformer, latents: torch.Tensor):
+    """3-D rotary position embeddings for transformers that use them (CogVideoX-5B, the tiny world's), else None:
+    CogVideoXPipeline's own, as it computes them when it samples, for latents (B, F', C, H', W'). It reads sizes in
+    pixels and divides by the VAE's spatial factor; latent sizes with a factor of 1 give the same grid."""
+    if not transformer.config.use_rotary_positional_embeddings:
         return None
+    from types import SimpleNamespace
+
+    from diffusers import CogVideoXPipeline
+
     _, frames, _, h, w = latents.shape
-    scale = pipe.vae_scale_factor_spatial
-    return pipe._prepare_rotary_positional_embeddings(h * scale, w * scale, frames, latents.device)
+    sizes = SimpleNamespace(transformer=transformer, vae_scale_factor_spatial=1)
+    return CogVideoXPipeline._prepare_rotary_positional_embeddings(sizes, h, w, frames, latents.device)
 
 
-def diffusion_loss(transformer, scheduler, latents, prompt_embeds, rotary=None, generator=None) -> torch.Tensor:
+def diffusion_loss(transformer, scheduler, latents, prompt_embeds, generator=None) -> torch.Tensor:
+    """The objective for latents (B, F', C, H', W') padded to the transformer's temporal patches, with the rotary
+    positions of transformers that use them computed here: without them such a transformer has no positions at all."""
     b = latents.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     noisy = scheduler.add_noise(latents, noise, t)
     dtype = next(transformer.parameters()).dtype
     v_pred = transformer(hidden_states=noisy.to(dtype), encoder_hidden_states=prompt_embeds.to(dtype), timestep=t,
-                         image_rotary_emb=rotary, return_dict=False)[0]
+                         image_rotary_emb=rotary_embeddings(transformer, latents), return_dict=False)[0]
     x0_pred = scheduler.get_velocity(v_pred.float(), noisy, t)
     alphas = scheduler.alphas_cumprod.to(latents.device)[t]
     weights = (1.0 / (1.0 - alphas)).view(b, 1, 1, 1, 1)

@@ -1,5 +1,5 @@
-"""CogVideoX pipelines and transformers: the tiny world's pipeline assembled in code (videorepa/world.py), a local
-CogVideoX directory, the released VideoREPA-2B transformer.
+"""CogVideoX pipelines and transformers: the transformers of each preset (the tiny world's pipeline is assembled in
+videorepa/world.py), a local CogVideoX directory, the released VideoREPA-2B transformer.
 
 Everything is stock diffusers/transformers; no custom pipeline class, so whatever train.py saves loads with
 `CogVideoXPipeline.from_pretrained`.
@@ -39,26 +39,6 @@ def build_scheduler():
         beta_schedule="scaled_linear", prediction_type="v_prediction", rescale_betas_zero_snr=True,
         clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing", snr_shift_scale=3.0,
     )
-
-
-def assemble_pipeline(vae, transformer, seed: int = 0):
-    """A pipeline around this VAE and transformer, with the tiny text encoder: a 1-layer T5 (width 32, seeded) and
-    the byte-level ByT5 tokenizer, which needs no vocabulary files."""
-    from diffusers import CogVideoXPipeline
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
-
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed + 1)
-    tokenizer = ByT5Tokenizer()
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=tokenizer.vocab_size + 3, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-        dropout_rate=0.0,
-    ))
-    torch.random.set_rng_state(generator_state)
-    for module in (transformer, vae, text_encoder):
-        module.eval()  # fresh modules start in train mode (dropout); train.py switches on what it trains
-    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                             scheduler=build_scheduler())
 
 
 def load_pipeline(path: str, dtype: torch.dtype | dict = torch.float32):
@@ -106,6 +86,24 @@ def load_transformer(path: str, dtype: torch.dtype = torch.float32):
     stock_keys = inspect.signature(CogVideoXTransformer3DModel.__init__).parameters
     extra_config = sorted(k for k in config if not k.startswith("_") and k not in stock_keys)
     return model.eval(), sorted(info["unexpected_keys"]), extra_config
+
+
+SAMPLING_FILE = "sampling.json"  # in the pipelines and LoRA folders train.py writes: the preset's sampling settings
+
+
+def record_sampling(folder: str, guidance_scale: float) -> None:
+    """Record the guidance scale that sample.py takes by default for the weights in `folder`."""
+    with open(os.path.join(folder, SAMPLING_FILE), "w") as f:
+        json.dump({"guidance_scale": guidance_scale}, f, indent=1)
+
+
+def recorded_guidance(folder: str) -> float | None:
+    """The guidance scale train.py recorded for the weights in `folder`, or None (any other CogVideoX model)."""
+    path = os.path.join(folder, SAMPLING_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return float(json.load(f)["guidance_scale"])
 
 
 def text_length(pipe) -> int:

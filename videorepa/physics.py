@@ -29,7 +29,7 @@ import numpy as np
 from .synthetic import COLORS, FLOOR, GRAVITY
 
 LAWS = ("gravity", "bounce", "friction", "collision", "energy", "persistence")
-MIN_AREA = 8  # pixels: fewer of one colour is noise, not a ball
+MIN_AREA = 32  # pixels: fewer of one colour is noise (where two balls' rims blend), not a ball (>= 250 pixels)
 SATURATION = 0.35  # (max - min) / max of a pixel; sky and floor are below 0.25
 CHROMA_DISTANCE = 0.12  # farthest chromaticity from a palette colour that still counts as that colour
 

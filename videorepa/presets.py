@@ -32,6 +32,8 @@ class Preset:
     warmup_steps: int
     max_steps: int | None  # the run's length: optimizer steps, or
     num_epochs: int | None  # passes over the data
+    # Classifier-free guidance sample.py uses for this preset's outputs (train.py records it beside them).
+    guidance_scale: float
 
 
 # official: DeepSpeed's WarmupDecayLR (finetune/configs/zero2.yaml: every parameter "auto"). accelerate 1.3.0
@@ -40,13 +42,17 @@ class Preset:
 # the trainer's 100 never arrives: the 0 default goes in, DeepSpeed 0.16.3 raises it to its minimum of 2 with its
 # default log-shaped warm-up (lr 0, 0, then the peak), and decays linearly over the run (train.warmup_decay).
 _PAPER = dict(num_frames=49, height=480, width=720, align_layer=18, projector_hidden=2048, teacher_height=160,
-              teacher_width=240, batch_size=4, lr_scheduler="warmup-decay", warmup_steps=2, max_steps=None)
+              teacher_width=240, batch_size=4, lr_scheduler="warmup-decay", warmup_steps=2, max_steps=None,
+              guidance_scale=6.0)  # official: inference/generate.py
 
 PRESETS = {
-    # The tiny world (videorepa/world.py): aligned after 2 of its 4 blocks; teacher at the clip's own size.
+    # The tiny world (videorepa/world.py): aligned after 2 of its 4 blocks; teacher at the clip's own size. Sampled
+    # without guidance: trained from scratch on captions alone (no caption dropout, as the paper's runs), it has no
+    # unconditional prediction to guide away from, and guidance 6 blew its balls up into blocks of colour.
     "tiny": Preset("tiny", num_frames=17, height=64, width=96, align_layer=2, projector_hidden=128, teacher_height=64,
                    teacher_width=96, learning_rate=1e-3, lora_learning_rate=1e-3, lora_rank=0, lora_alpha=None,
-                   batch_size=8, lr_scheduler="constant", warmup_steps=0, max_steps=1000, num_epochs=None),
+                   batch_size=8, lr_scheduler="constant", warmup_steps=0, max_steps=1000, num_epochs=None,
+                   guidance_scale=1.0),
     "cogvideox-2b": Preset("cogvideox-2b", **_PAPER, learning_rate=2e-6, lora_learning_rate=1e-4, lora_rank=0,
                            lora_alpha=None, num_epochs=4),
     "cogvideox-5b": Preset("cogvideox-5b", **_PAPER, learning_rate=2e-6, lora_learning_rate=1e-4, lora_rank=128,

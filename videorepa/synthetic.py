@@ -20,6 +20,13 @@ COLORS = {"red": (220, 50, 40), "blue": (40, 90, 220), "green": (40, 170, 70), "
 SCENES = ("falling", "bouncing", "colliding", "rolling")
 GRAVITY = 900.0  # pixels / s² at the rendered scale
 FLOOR = 0.85  # floor height as a fraction of the frame
+# What each scene's caption says, the balls' colours filled in ({1}: the second ball of a collision, on the right).
+CAPTIONS = {
+    "falling": "A {0} ball is dropped from rest, falls faster and faster under gravity and bounces on the floor.",
+    "bouncing": "A {0} ball is thrown sideways and bounces along the floor, each bounce lower than the last.",
+    "colliding": "A {0} ball and a {1} ball roll toward each other, collide and bounce apart.",
+    "rolling": "A {0} ball rolls along the floor and slows down because of friction.",
+}
 
 
 @dataclass
@@ -61,7 +68,12 @@ def _step(balls, dt, height, width, gravity, restitution, friction):
 def falling_caption(color: str) -> str:
     """The caption of a falling clip; in this wording it is also the samplers' default prompt, which the tiny
     model follows best in the captions' own words."""
-    return f"A {color} ball is dropped from rest, falls faster and faster under gravity and bounces on the floor."
+    return CAPTIONS["falling"].format(color)
+
+
+def caption_texts() -> list[str]:
+    """Every caption the renderer writes (each scene with every pair of colours): the tiny world's language."""
+    return [CAPTIONS[scene].format(a, b) for scene in SCENES for a in COLORS for b in COLORS if a != b]
 
 
 def background(height: int, width: int) -> np.ndarray:
@@ -88,33 +100,31 @@ def make_clip(seed: int, num_frames: int = 17, height: int = 96, width: int = 12
     rng = np.random.default_rng(seed)
     scene = SCENES[seed % len(SCENES)]
     colors = rng.choice(list(COLORS), size=2, replace=False)
-    r = float(rng.uniform(0.09, 0.13) * height)
+    # Balls 18-23 pixels wide at the tiny world's 64×96: 2-3 of its transformer's 8-pixel tokens. At 12-17 pixels a
+    # ball straddled 1-2 tokens, and the tiny model drew it as scattered token-sized squares.
+    r = float(rng.uniform(0.14, 0.18) * height)
     floor = FLOOR * height
     scale = height / 96
     gravity, restitution, friction = GRAVITY * scale, 0.7, 0.02
     if scene == "falling":
         balls = [Ball(rng.uniform(0.3, 0.7) * width, r + 2, 0.0, 0.0, r, colors[0])]
-        caption = falling_caption(colors[0])
     elif scene == "bouncing":
         vx = float(rng.choice([-1, 1]) * rng.uniform(60, 120)) * scale
         balls = [Ball(width / 2, floor - r - rng.uniform(0.3, 0.5) * height, vx, -200.0 * scale, r, colors[0])]
-        caption = f"A {colors[0]} ball is thrown sideways and bounces along the floor, each bounce lower than the last."
     elif scene == "colliding":
         y = floor - r
         balls = [Ball(r + 4, y, rng.uniform(120, 180) * scale, 0.0, r, colors[0]),
                  Ball(width - r - 4, y, -rng.uniform(120, 180) * scale, 0.0, r, colors[1])]
-        caption = f"A {colors[0]} ball and a {colors[1]} ball roll toward each other, collide and bounce apart."
     else:
         balls = [Ball(r + 4, floor - r, rng.uniform(150, 250) * scale, 0.0, r, colors[0])]
         friction = 0.08
-        caption = f"A {colors[0]} ball rolls along the floor and slows down because of friction."
     substeps = 8
     frames = []
     for _ in range(num_frames):
         frames.append(_render(balls, height, width))
         for _ in range(substeps):
             _step(balls, 1.0 / (fps * substeps), height, width, gravity, restitution, friction / substeps)
-    return np.stack(frames), caption
+    return np.stack(frames), CAPTIONS[scene].format(*colors)
 
 
 def write_dataset(folder: str, num_clips: int = 16, seed: int = 0, **clip_args) -> str:

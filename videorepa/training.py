@@ -44,9 +44,9 @@ class VideoREPAModel(nn.Module):
         frame = None if self.trd_mode == "full" else self.aligner.tokens_per_frame
         return trd_loss(student, target.to(student.dtype), self.margin, self.trd_mode, frame, backend=self.trd_backend)
 
-    def forward(self, latents, prompt_embeds, teacher, rotary=None, generator=None) -> dict:
+    def forward(self, latents, prompt_embeds, teacher, generator=None) -> dict:
         """Losses for one batch: latents (B, F', C, H', W'), text embeddings, teacher tokens (B, T', H', W', Dt)."""
-        diffusion = diffusion_loss(self.transformer, self.scheduler, latents, prompt_embeds, rotary, generator)
+        diffusion = diffusion_loss(self.transformer, self.scheduler, latents, prompt_embeds, generator)
         hidden = self.block_output.pop()
         if self.align_loss == "none":
             return {"loss": diffusion, "loss_diffusion": diffusion, "loss_align": torch.zeros_like(diffusion)}
