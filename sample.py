@@ -164,7 +164,7 @@ def load(args, device, dtype):
         lora = lora_file(args.lora)
     if args.guidance_scale is None:
         args.guidance_scale = default_guidance(base, lora, args.transformer)
-    elif args.lora_scale != 1.0 and not lora:
+    if args.lora_scale != 1.0 and not lora:
         raise ValueError("--lora-scale needs LoRA weights: --lora, or a LoRA output as --model")
     components = {}
     if args.transformer:
