@@ -10,7 +10,7 @@ import pytest
 import evaluate
 from videorepa import world
 from videorepa.physics import LAWS, score_video, segment, track_balls
-from videorepa.synthetic import COLORS, background, make_clip
+from videorepa.synthetic import COLORS, SCENES, background, make_clip
 from videorepa.video_io import read_video, write_video
 
 CLIP = world.CLIP
@@ -75,6 +75,15 @@ def test_tracker_finds_each_ball_where_the_renderer_put_it():
         assert np.all((tr.y > CLIP["height"] * 0.6) & (tr.y < CLIP["height"] * 0.85))  # rolling on the floor
 
 
+def test_renderer_keeps_every_ball_inside_the_frame():
+    # Walls and floor hold the balls; only the sky is open. A ball whose throw leaves the top would vanish from
+    # frames of its own training clip, which the persistence law then counts against the renderer.
+    sky = background(CLIP["height"], CLIP["width"])[:2]
+    for seed in range(200):
+        frames, caption = make_clip(seed, **CLIP)
+        assert (frames[:, :2] == sky).all(), (seed, caption)
+
+
 def test_renderer_clips_score_near_perfect(scores):
     mean, values = scores["clean"]
     assert mean >= 0.97 and min(values) >= 0.9, values
@@ -94,6 +103,15 @@ def test_every_law_is_exercised_and_in_range(clips):
         assert 0.0 <= result.score <= 1.0 and all(0.0 <= v <= 1.0 for v in result.laws.values())
         seen |= result.laws.keys()
     assert seen == set(LAWS)
+
+
+def test_each_scene_shows_the_laws_its_caption_names(clips):
+    # The bouncing scene's bounces land on the floor, away from walls, so the bounce law judges each of its clips.
+    named = {"falling": {"gravity", "bounce"}, "bouncing": {"gravity", "bounce"}, "colliding": {"collision"},
+             "rolling": {"friction"}}
+    for seed, frames in zip(SEEDS, clips):
+        scene = SCENES[seed % len(SCENES)]
+        assert named[scene] <= score_video(frames, CLIP["fps"]).laws.keys(), (seed, scene)
 
 
 def test_a_video_without_balls_scores_zero_and_bad_input_is_named():

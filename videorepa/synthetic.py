@@ -109,8 +109,12 @@ def make_clip(seed: int, num_frames: int = 17, height: int = 96, width: int = 12
     if scene == "falling":
         balls = [Ball(rng.uniform(0.3, 0.7) * width, r + 2, 0.0, 0.0, r, colors[0])]
     elif scene == "bouncing":
-        vx = float(rng.choice([-1, 1]) * rng.uniform(60, 120)) * scale
-        balls = [Ball(width / 2, floor - r - rng.uniform(0.3, 0.5) * height, vx, -200.0 * scale, r, colors[0])]
+        # Thrown from a quarter of the way across, slowly enough that its bounces land on the floor, away from the
+        # far wall, and low enough that the whole ball stays in frame at the throw's highest point.
+        side = float(rng.choice([-1, 1]))
+        vx, vy = side * float(rng.uniform(30, 60)) * scale, -200.0 * scale
+        apex = r + 2 + rng.uniform(0.0, 0.1) * height
+        balls = [Ball(width / 2 - side * width / 4, apex + vy ** 2 / (2 * gravity), vx, vy, r, colors[0])]
     elif scene == "colliding":
         y = floor - r
         balls = [Ball(r + 4, y, rng.uniform(120, 180) * scale, 0.0, r, colors[0]),
