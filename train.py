@@ -26,6 +26,7 @@ from videorepa.alignment import GRIDS, TokenAligner
 from videorepa.attention import ATTENTION, attention_kernel, resolve_attention
 from videorepa.checkpoint import latest_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from videorepa.data import BatchOrder, PositionedDataset, VideoCaptionDataset, collate, read_captions
+from videorepa.files import atomic_folder
 from videorepa.kernels import BACKENDS, MODES
 from videorepa.models import record_sampling
 from videorepa.parallel import gather_state, init_process_groups, no_gradient_sync, wait_for_everyone, wrap
@@ -247,11 +248,10 @@ def build_dataset(args, rank, world, waiting, pipe, teacher, device):
     cfg = args.preset_config
     if not args.data:
         args.data = os.path.join(args.output_dir, "synthetic-data", "captions.csv")
-        if rank == 0 and not os.path.exists(args.data):
-            from videorepa.world import TRAIN_CLIPS, write_dataset
+        if rank == 0:
+            from videorepa.world import TRAIN_CLIPS, ensure_dataset
 
-            log.info("writing synthetic physics clips to %s", os.path.dirname(args.data))
-            write_dataset(os.path.dirname(args.data), num_clips=TRAIN_CLIPS, seed=args.seed)
+            ensure_dataset(os.path.dirname(args.data), num_clips=TRAIN_CLIPS, seed=args.seed)
         wait_for_everyone(waiting)
         args.cache_dir = args.cache_dir or os.path.join(args.output_dir, "feature-cache")  # encode each clip once
     videos = VideoCaptionDataset(args.data, cfg.num_frames, cfg.height, cfg.width)
@@ -335,12 +335,39 @@ def base_model_dir(args) -> str:
     return os.path.join(args.output_dir, "base-model")
 
 
+def holds_weights_of(folder: str, pipe) -> bool:
+    """Whether a saved pipeline's transformer, VAE and text encoder hold exactly `pipe`'s weights."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    for name in ("transformer", "vae", "text_encoder"):
+        files = glob.glob(os.path.join(folder, name, "*.safetensors"))
+        saved = {k: v for f in files for k, v in load_file(f).items()}
+        state = getattr(pipe, name).state_dict()
+        if not saved or any(k not in state or not torch.equal(state[k].cpu(), v) for k, v in saved.items()):
+            return False
+    return True
+
+
+def save_base_model(args, pipe):
+    """OUT/base-model for a LoRA run on the tiny world, kept when it already holds this run's base (a resumed run):
+    one left by a run of another seed or world would have the adapters load onto other weights."""
+    folder = base_model_dir(args)
+    if os.path.isdir(folder):
+        if holds_weights_of(folder, pipe):
+            return
+        log.warning("%s holds another base model (another seed or world): writing this run's", folder)
+    with atomic_folder(folder) as tmp:
+        pipe.save_pretrained(tmp)  # before the adapters wrap its layers
+        record_sampling(tmp, args.preset_config.guidance_scale)  # a pipeline of the preset, sampled as its outputs
+
+
 def save_final(args, pipe, model, weights):
     """OUT/final: a stock-loadable pipeline (full) or LoRA weights + the base path; heads beside it. `weights` are
     the gathered trainable weights (the only full copy of a sharded model)."""
     from diffusers import CogVideoXPipeline
 
-    final = os.path.join(args.output_dir, "final")
     transformer = model.transformer
     if args.fsdp:  # a plain copy of the sharded transformer for save_pretrained
         sharded = transformer
@@ -348,21 +375,23 @@ def save_final(args, pipe, model, weights):
         prefix = "transformer."
         transformer.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
         pipe.transformer = transformer
-    if args.lora_rank:
-        from peft.utils import get_peft_model_state_dict
+    final = os.path.join(args.output_dir, "final")
+    with atomic_folder(final) as folder:  # an earlier run's final (a full pipeline, other adapters) goes entirely
+        if args.lora_rank:
+            from peft.utils import get_peft_model_state_dict
 
-        base = args.model or base_model_dir(args)
-        # The adapter's config (α and r among it) travels in the safetensors metadata, which a stock
-        # load_lora_weights reads back: without it, diffusers assumes α = r.
-        config = transformer.peft_config["default"]
-        CogVideoXPipeline.save_lora_weights(final, transformer_lora_layers=get_peft_model_state_dict(transformer),
-                                            transformer_lora_adapter_metadata=config.to_dict())
-        with open(os.path.join(final, "videorepa.json"), "w") as f:
-            json.dump({"base_model": os.path.abspath(base), "lora_rank": config.r, "lora_alpha": config.lora_alpha},
-                      f, indent=1)
-    else:
-        pipe.save_pretrained(final)
-    record_sampling(final, args.preset_config.guidance_scale)
+            base = args.model or base_model_dir(args)
+            # The adapter's config (α and r among it) travels in the safetensors metadata, which a stock
+            # load_lora_weights reads back: without it, diffusers assumes α = r.
+            config = transformer.peft_config["default"]
+            CogVideoXPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                                transformer_lora_adapter_metadata=config.to_dict())
+            with open(os.path.join(folder, "videorepa.json"), "w") as f:
+                json.dump({"base_model": os.path.abspath(base), "lora_rank": config.r,
+                           "lora_alpha": config.lora_alpha}, f, indent=1)
+        else:
+            pipe.save_pretrained(folder)
+        record_sampling(folder, args.preset_config.guidance_scale)
     heads = {k[len("aligner."):]: v for k, v in weights.items() if k.startswith("aligner.")}
     torch.save(heads, os.path.join(args.output_dir, "alignment-heads.pt"))
     return final
@@ -407,9 +436,8 @@ def main(argv=None):
 
     pipe, teacher = load_models(args, device, autocast_dtype or torch.float32)
     dataset = build_dataset(args, rank, world, waiting, pipe, teacher, device)
-    if args.lora_rank and args.model is None and rank == 0 and not os.path.isdir(base_model_dir(args)):
-        pipe.save_pretrained(base_model_dir(args))  # before the adapters wrap its layers
-        record_sampling(base_model_dir(args), cfg.guidance_scale)  # a pipeline of the preset, sampled as its outputs
+    if args.lora_rank and args.model is None and rank == 0:
+        save_base_model(args, pipe)
     prepare_transformer(args, pipe.transformer)
     student_grid, teacher_grid = grids(pipe, teacher, cfg)
     transformer_dim = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim

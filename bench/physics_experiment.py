@@ -276,9 +276,7 @@ def table(results: list[dict], baselines: dict) -> str:
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
-    data = os.path.join(args.output_dir, "data", "captions.csv")
-    if not os.path.exists(data):
-        world.write_dataset(os.path.dirname(data), num_clips=args.clips, seed=0)
+    data = world.ensure_dataset(os.path.join(args.output_dir, "data"), num_clips=args.clips, seed=0)
     cache = os.path.join(args.output_dir, "feature-cache")
     align_layer = get_preset("tiny").align_layer
     heldout = Heldout(args.heldout_clips)

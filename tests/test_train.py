@@ -285,6 +285,32 @@ def test_lora_final_loads_onto_its_base(tmp_path, clips):
         assert torch.equal(state[name], trained[key]) and trained[key].abs().sum() > 0
 
 
+def test_a_new_run_in_an_old_folder_replaces_its_final_and_base(tmp_path, clips, caplog):
+    """A LoRA run where a full finetune ran before: final/ holds only the adapters (no stale pipeline beside them)
+    and base-model/ this run's base; a base of another seed is written again, this run's is kept (resume)."""
+    from videorepa.world import build_pipeline
+
+    run_train(tmp_path, "--max-steps", "1", data=clips)
+    assert (tmp_path / "final" / "model_index.json").exists()
+    run_train(tmp_path, "--max-steps", "1", "--lora-rank", "4", "--seed", "1", data=clips)
+    assert not (tmp_path / "final" / "model_index.json").exists()
+    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
+    base = tmp_path / "base-model"
+    assert train.holds_weights_of(base, build_pipeline(1))
+    assert not train.holds_weights_of(base, build_pipeline(2))
+
+    args = train.parse_args(["--output-dir", str(tmp_path), "--lora-rank", "4"])
+    weights = base / "transformer" / "diffusion_pytorch_model.safetensors"
+    written = os.stat(weights).st_mtime_ns
+    train.save_base_model(args, build_pipeline(1))
+    assert os.stat(weights).st_mtime_ns == written
+    with caplog.at_level("WARNING", logger="train"):
+        train.save_base_model(args, build_pipeline(2))
+    assert "another base model" in caplog.text
+    assert train.holds_weights_of(base, build_pipeline(2))
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
 def test_lora_final_applies_the_trained_alpha_through_the_stock_loader(tmp_path, clips):
     """LoRA at α ≠ r (the 5B recipe's 64/128): a stock `load_lora_weights(final)` reads α from the adapter metadata
     saved with the weights and reproduces the trained transformer."""

@@ -138,6 +138,37 @@ def test_missing_weights_name_the_command(tmp_path):
         world.teacher_path(str(tmp_path))
 
 
+def test_dataset_is_rendered_again_when_the_renderer_seed_or_count_changed(tmp_path, monkeypatch, caplog):
+    from videorepa import synthetic
+    from videorepa.video_io import read_video
+
+    folder = str(tmp_path / "data")
+    csv_path = world.ensure_dataset(folder, num_clips=2, seed=5)
+    video = os.path.join(folder, "videos", "clip_00005.mp4")
+    written = os.stat(video).st_mtime_ns
+    assert world.ensure_dataset(folder, num_clips=2, seed=5) == csv_path
+    assert os.stat(video).st_mtime_ns == written  # the same clips: reused, not rendered again
+
+    render = synthetic.make_clip
+    monkeypatch.setattr(synthetic, "make_clip", lambda seed, **kw: (255 - render(seed, **kw)[0], render(seed, **kw)[1]))
+    with caplog.at_level("WARNING", logger="videorepa.world"):
+        world.ensure_dataset(folder, num_clips=2, seed=5)  # what an updated renderer draws differs
+    assert "another renderer" in caplog.text
+    frames = read_video(video)
+    assert abs(frames.astype(float).mean() - (255 - render(5, **world.CLIP)[0]).mean()) < 3
+    monkeypatch.undo()
+
+    world.ensure_dataset(folder, num_clips=3, seed=6)
+    with open(csv_path) as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == [
+            f"videos/clip_{i:05d}.mp4" for i in (6, 7, 8)]
+    os.remove(os.path.join(folder, world.DATA_MANIFEST))  # a dataset written before the manifest existed
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="videorepa.world"):
+        world.ensure_dataset(folder, num_clips=3, seed=6)
+    assert "another renderer" in caplog.text and os.path.exists(os.path.join(folder, world.DATA_MANIFEST))
+
+
 def test_tube_mask_hides_the_same_patches_in_every_tubelet():
     mask = pretrain_world.tube_mask(3, (4, 2, 5), 0.7, torch.Generator().manual_seed(0))
     assert mask.shape == (3, 40) and (mask.view(3, 4, 10).sum(-1) == 7).all()

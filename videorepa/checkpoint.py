@@ -12,6 +12,8 @@ import shutil
 import numpy as np
 import torch
 
+from .files import atomic_folder
+
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -46,13 +48,8 @@ def latest_checkpoint(output_dir: str) -> str | None:
 def save_checkpoint(output_dir: str, step: int, write, keep: int) -> str:
     """`write(folder)` fills a temporary folder that then becomes OUT/checkpoint-STEP; older ones beyond `keep` go."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_folder(final) as tmp:
+        write(tmp)
     for _, old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

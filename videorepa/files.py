@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import shutil
 
 
 @contextlib.contextmanager
@@ -17,3 +18,20 @@ def atomic_path(path: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str):
+    """Yields an empty hidden folder beside `path` that replaces `path`, and everything it held, only when the block
+    completes: a crash leaves the old folder whole, and never a mix of an old run's files and a new one's."""
+    parent, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(parent, f".{name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -8,17 +8,21 @@ configs).
 """
 
 import hashlib
+import json
+import logging
 import os
 
 import torch
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-world")
 REGENERATE = "python pretrain_world.py"
+log = logging.getLogger(__name__)
 
 # Clips: 17 frames of 64×96 at 12 frames per second (1.4 s: a drop and two bounces). The rate is the world's
 # clock: the physics metric converts the renderer's gravity into pixels per frame² with it.
 CLIP = dict(num_frames=17, height=64, width=96, fps=12)
 TRAIN_CLIPS = 128  # clips train.py renders for the embedded default
+DATA_MANIFEST = "world-data.json"  # beside a rendered dataset: what rendered it (see ensure_dataset)
 
 # Spatial ×4 (three levels), temporal ×4 as CogVideoX: 17×64×96 video -> 5×16×24 latents of 8 channels -> with
 # 2×2 patches 5×8×12 = 480 video tokens. A fourth level (×8) leaves a ball less than one latent pixel wide. Narrow
@@ -163,8 +167,39 @@ def build_pipeline(seed: int = 0, path: str = ASSETS):
                              transformer=transformer, scheduler=build_scheduler())
 
 
-def write_dataset(folder: str, num_clips: int, seed: int = 0) -> str:
-    """The world's clips (`CLIP` sizes) as mp4 + captions.csv."""
-    from .synthetic import write_dataset as write
+def clips_digest(num_clips: int, seed: int = 0) -> str:
+    """A hash of what the renderer draws for these clips (frames and captions, before video encoding): it changes
+    with the renderer, the clip sizes, the seed and the count."""
+    from .synthetic import make_clip
 
-    return write(folder, num_clips=num_clips, seed=seed, **CLIP)
+    digest = hashlib.sha1(json.dumps(CLIP, sort_keys=True).encode())
+    for clip_seed in range(seed, seed + num_clips):
+        frames, caption = make_clip(clip_seed, **CLIP)
+        digest.update(caption.encode() + frames.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def ensure_dataset(folder: str, num_clips: int, seed: int = 0) -> str:
+    """`folder/captions.csv` of the world's clips (`CLIP` sizes, mp4), rendered unless the folder already holds
+    exactly these clips: clips of an older renderer, another seed or count are rendered again rather than trained
+    on silently (the feature cache keys on the files, so their features are computed again too)."""
+    from .files import atomic_path
+    from .synthetic import write_dataset
+
+    csv_path, manifest = os.path.join(folder, "captions.csv"), os.path.join(folder, DATA_MANIFEST)
+    expected = {"clips": num_clips, "seed": seed, "renderer": clips_digest(num_clips, seed)}
+    if os.path.exists(csv_path):
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                found = json.load(f)
+        except (OSError, ValueError):
+            found = None
+        if found == expected:
+            return csv_path
+        log.warning("%s holds clips of another renderer, seed or count (%s, expected %s): rendering them again",
+                    folder, found, expected)
+    log.info("rendering %d synthetic physics clips to %s", num_clips, folder)
+    write_dataset(folder, num_clips=num_clips, seed=seed, **CLIP)
+    with atomic_path(manifest) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(expected, f)
+    return csv_path
