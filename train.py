@@ -25,7 +25,7 @@ import torch
 from videorepa.alignment import GRIDS, TokenAligner
 from videorepa.attention import ATTENTION, attention_kernel, resolve_attention
 from videorepa.checkpoint import latest_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from videorepa.data import BatchOrder, PositionedDataset, VideoCaptionDataset, collate, read_captions
+from videorepa.data import BatchOrder, PositionedDataset, VideoCaptionDataset, collate
 from videorepa.files import atomic_folder
 from videorepa.kernels import BACKENDS, MODES
 from videorepa.models import record_sampling
