@@ -253,16 +253,27 @@ def mean_std(values) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+def paired(rows: list[dict], unaligned: dict) -> str:
+    """An arm's physics score minus the unaligned run's of the same seed (same initial weights, data order and
+    noise): mean ± std, and on how many seeds the arm scored higher."""
+    diffs = [r["physics"] - unaligned[r["seed"]] for r in rows if r["seed"] in unaligned]
+    if not diffs:
+        return "–"
+    spread = f" ± {np.std(diffs, ddof=1):.3f}" if len(diffs) > 1 else ""
+    return f"{np.mean(diffs):+.3f}{spread} (higher on {sum(d > 0 for d in diffs)} of {len(diffs)})"
+
+
 def table(results: list[dict], baselines: dict) -> str:
     cols = [("physics", "physics score ↑"), ("diffusion_loss_heldout", "held-out diffusion loss ↓"),
             ("probe_r2_after", "velocity probe R² ↑")]
-    lines = ["| arm | runs | " + " | ".join(name for _, name in cols) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in cols) + " |"]
+    lines = ["| arm | runs | " + " | ".join(name for _, name in cols) + " | physics − none, paired by seed |",
+             "| --- | --- | " + " | ".join("---" for _ in cols) + " | --- |"]
+    unaligned = {r["seed"]: r["physics"] for r in results if r["arm"] == "none"}
     for arm in ARMS:
         rows = [r for r in results if r["arm"] == arm]
         if rows:
             lines.append(f"| {arm} | {len(rows)} | " + " | ".join(mean_std([r[key] for r in rows]) for key, _ in cols)
-                         + " |")
+                         + f" | {paired(rows, unaligned) if arm != 'none' else ''} |")
     lines.append("")
     lines.append(f"Physics score of the renderer's own clips for the same prompts: {baselines['physics']['renderer']:.3f}; "
                  f"of those clips after a round trip through the VAE (the most a transformer can reach with it): "

@@ -57,6 +57,18 @@ def test_the_student_probe_reads_the_aligned_block():
     assert torch.equal(tokens.flatten(1, 3), outputs[align_layer - 1])
 
 
+def test_table_pairs_each_arm_with_the_unaligned_run_of_its_seed():
+    runs = [{"arm": arm, "seed": seed, "physics": score, "diffusion_loss_heldout": 0.2, "probe_r2_after": 0.0}
+            for arm, seed, score in [("none", 0, 0.50), ("none", 1, 0.30), ("none", 2, 0.40),
+                                     ("trd-full", 0, 0.60), ("trd-full", 1, 0.20), ("trd-full", 2, 0.45),
+                                     ("repa", 1, 0.35)]]
+    baselines = {"teacher": 0.5, "physics": {"renderer": 1.0, "renderer_through_vae": 0.7}, "before": {0: 0.0}}
+    rows = {line.split(" | ")[0][2:]: line for line in physics_experiment.table(runs, baselines).splitlines()}
+    assert rows["trd-full"].endswith("| +0.017 ± 0.104 (higher on 2 of 3) |")  # +0.10, −0.10, +0.05
+    assert rows["repa"].endswith("| +0.050 (higher on 1 of 1) |")
+    assert rows["none"].endswith("|  |")
+
+
 def test_experiment_runs_resumes_and_tabulates(tmp_path, capsys):
     argv = ["--output-dir", str(tmp_path / "exp"), "--arms", "none", "trd-full", "--seeds", "0", "--steps", "2",
             "--batch-size", "2", "--clips", "4", "--heldout-clips", "6", "--videos-per-scene", "1",
