@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -26,7 +27,7 @@ from videorepa.alignment import GRIDS, TokenAligner
 from videorepa.attention import ATTENTION, attention_kernel, resolve_attention
 from videorepa.checkpoint import latest_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from videorepa.data import BatchOrder, PositionedDataset, VideoCaptionDataset, collate
-from videorepa.files import atomic_folder
+from videorepa.files import atomic_folder, same_files
 from videorepa.kernels import BACKENDS, MODES
 from videorepa.models import record_sampling
 from videorepa.parallel import gather_state, init_process_groups, no_gradient_sync, wait_for_everyone, wrap
@@ -335,32 +336,28 @@ def base_model_dir(args) -> str:
     return os.path.join(args.output_dir, "base-model")
 
 
-def holds_weights_of(folder: str, pipe) -> bool:
-    """Whether a saved pipeline's transformer, VAE and text encoder hold exactly `pipe`'s weights."""
-    import glob
-
-    from safetensors.torch import load_file
-
-    for name in ("transformer", "vae", "text_encoder"):
-        files = glob.glob(os.path.join(folder, name, "*.safetensors"))
-        saved = {k: v for f in files for k, v in load_file(f).items()}
-        state = getattr(pipe, name).state_dict()
-        if not saved or any(k not in state or not torch.equal(state[k].cpu(), v) for k, v in saved.items()):
-            return False
-    return True
-
-
 def save_base_model(args, pipe):
-    """OUT/base-model for a LoRA run on the tiny world, kept when it already holds this run's base (a resumed run):
-    one left by a run of another seed or world would have the adapters load onto other weights."""
-    folder = base_model_dir(args)
-    if os.path.isdir(folder):
-        if holds_weights_of(folder, pipe):
-            return
-        log.warning("%s holds another base model (another seed or world): writing this run's", folder)
+    """OUT/base-model for a LoRA run on the tiny world. A base left by a run of another seed or world is replaced,
+    and that run's LoRA final/ (its adapters belong to the old base) goes first, so nothing loads adapters onto
+    weights they were not trained on."""
+    folder, final = base_model_dir(args), os.path.join(args.output_dir, "final")
     with atomic_folder(folder) as tmp:
         pipe.save_pretrained(tmp)  # before the adapters wrap its layers
         record_sampling(tmp, args.preset_config.guidance_scale)  # a pipeline of the preset, sampled as its outputs
+        if os.path.isdir(folder) and not same_files(tmp, folder):
+            log.warning("%s holds another base model (another seed or world): replacing it", folder)
+            if lora_base(final) == os.path.abspath(folder):
+                log.warning("removing %s: its LoRA weights were trained on the replaced base", final)
+                shutil.rmtree(final)
+
+
+def lora_base(final: str) -> str | None:
+    """The base model a LoRA final/ names (None if `final` holds no LoRA weights)."""
+    try:
+        with open(os.path.join(final, "videorepa.json")) as f:
+            return json.load(f)["base_model"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def save_final(args, pipe, model, weights):

@@ -18,6 +18,7 @@ table (mean ± std over seeds) is printed and written to --markdown, the rows to
 """
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -273,7 +274,7 @@ def table(results: list[dict], baselines: dict) -> str:
         rows = [r for r in results if r["arm"] == arm]
         if rows:
             lines.append(f"| {arm} | {len(rows)} | " + " | ".join(mean_std([r[key] for r in rows]) for key, _ in cols)
-                         + f" | {paired(rows, unaligned) if arm != 'none' else ''} |")
+                         + f" | {paired(rows, unaligned) if arm != 'none' else 'reference'} |")
     lines.append("")
     lines.append(f"Physics score of the renderer's own clips for the same prompts: {baselines['physics']['renderer']:.3f}; "
                  f"of those clips after a round trip through the VAE (the most a transformer can reach with it): "
@@ -287,7 +288,13 @@ def table(results: list[dict], baselines: dict) -> str:
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
-    data = world.ensure_dataset(os.path.join(args.output_dir, "data"), num_clips=args.clips, seed=0)
+    data = os.path.join(args.output_dir, "data", "captions.csv")
+    if not args.finished_only and world.ensure_dataset(os.path.dirname(data), num_clips=args.clips, seed=0):
+        stale = glob.glob(result_path(args, "*", "*"))
+        for path in stale:  # trained on other clips: every arm runs on the same ones
+            os.remove(path)
+        if stale:
+            print(f"the clips were rendered again: {len(stale)} earlier results run again", file=sys.stderr)
     cache = os.path.join(args.output_dir, "feature-cache")
     align_layer = get_preset("tiny").align_layer
     heldout = Heldout(args.heldout_clips)

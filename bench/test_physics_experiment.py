@@ -66,7 +66,7 @@ def test_table_pairs_each_arm_with_the_unaligned_run_of_its_seed():
     rows = {line.split(" | ")[0][2:]: line for line in physics_experiment.table(runs, baselines).splitlines()}
     assert rows["trd-full"].endswith("| +0.017 ± 0.104 (higher on 2 of 3) |")  # +0.10, −0.10, +0.05
     assert rows["repa"].endswith("| +0.050 (higher on 1 of 1) |")
-    assert rows["none"].endswith("|  |")
+    assert rows["none"].endswith("| reference |")
 
 
 def test_experiment_runs_resumes_and_tabulates(tmp_path, capsys):

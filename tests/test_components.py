@@ -531,6 +531,30 @@ def test_atomic_path_leaves_old_file_on_failure(tmp_path):
     assert target.read_text() == "new" and os.listdir(tmp_path) == ["a.txt"]
 
 
+def test_atomic_folder_replaces_the_whole_folder_or_nothing(tmp_path):
+    from videorepa.files import atomic_folder, same_files
+
+    target = tmp_path / "final"
+    target.mkdir()
+    (target / "model_index.json").write_text("old pipeline")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(str(target)) as tmp:
+            (tmp_path / ".final.old").mkdir()  # a killed writer's leftover is cleared, not kept
+            open(os.path.join(tmp, "weights"), "w").write("half")
+            raise RuntimeError("crash mid-write")
+    assert os.listdir(target) == ["model_index.json"] and os.listdir(tmp_path) == ["final"]
+    with atomic_folder(str(target)) as tmp:
+        open(os.path.join(tmp, "weights"), "w").write("new")
+        assert not same_files(tmp, str(target))
+    assert os.listdir(target) == ["weights"] and os.listdir(tmp_path) == ["final"]
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "weights").write_text("new")
+    assert same_files(str(copy), str(target))
+    (copy / "weights").write_text("nex")
+    assert not same_files(str(copy), str(target)) and not same_files(str(copy), str(tmp_path / "absent"))
+
+
 def test_feature_cache_entries_of_another_format_are_not_read(tmp_path, monkeypatch):
     import videorepa.feature_cache as feature_cache
 

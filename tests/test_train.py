@@ -286,8 +286,9 @@ def test_lora_final_loads_onto_its_base(tmp_path, clips):
 
 
 def test_a_new_run_in_an_old_folder_replaces_its_final_and_base(tmp_path, clips, caplog):
-    """A LoRA run where a full finetune ran before: final/ holds only the adapters (no stale pipeline beside them)
-    and base-model/ this run's base; a base of another seed is written again, this run's is kept (resume)."""
+    """A LoRA run where a full finetune ran before: final/ holds only the adapters (no stale pipeline beside them).
+    The base in base-model/ is this run's; a later run of another base replaces it and removes the adapters that
+    belong to the old one, while a run of the same base (a resume) leaves both."""
     from videorepa.world import build_pipeline
 
     run_train(tmp_path, "--max-steps", "1", data=clips)
@@ -296,19 +297,32 @@ def test_a_new_run_in_an_old_folder_replaces_its_final_and_base(tmp_path, clips,
     assert not (tmp_path / "final" / "model_index.json").exists()
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
     base = tmp_path / "base-model"
-    assert train.holds_weights_of(base, build_pipeline(1))
-    assert not train.holds_weights_of(base, build_pipeline(2))
+    transformer = load_file(base / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, build_pipeline(1).transformer.state_dict()[k]) for k, v in transformer.items())
 
     args = train.parse_args(["--output-dir", str(tmp_path), "--lora-rank", "4"])
-    weights = base / "transformer" / "diffusion_pytorch_model.safetensors"
-    written = os.stat(weights).st_mtime_ns
-    train.save_base_model(args, build_pipeline(1))
-    assert os.stat(weights).st_mtime_ns == written
+    with caplog.at_level("WARNING", logger="train"):
+        train.save_base_model(args, build_pipeline(1))
+    assert not caplog.text and (tmp_path / "final").exists()
     with caplog.at_level("WARNING", logger="train"):
         train.save_base_model(args, build_pipeline(2))
-    assert "another base model" in caplog.text
-    assert train.holds_weights_of(base, build_pipeline(2))
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert "another base model" in caplog.text and not (tmp_path / "final").exists()
+    transformer = load_file(base / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, build_pipeline(2).transformer.state_dict()[k]) for k, v in transformer.items())
+    assert not [p for p in os.listdir(tmp_path) if p.endswith((".tmp", ".old"))]
+
+
+def test_default_data_is_rendered_for_the_runs_seed(tmp_path, monkeypatch):
+    """Without --data, train.py trains on OUT/synthetic-data rendered for its --seed; a later run of another seed in
+    the same folder renders that seed's clips instead of training on the old ones."""
+    from videorepa import world
+
+    monkeypatch.setattr(world, "TRAIN_CLIPS", 2)
+    for seed in (3, 4):
+        run_train(tmp_path, "--max-steps", "1", "--seed", str(seed))
+        assert world.dataset_manifest(str(tmp_path / "synthetic-data"))["seed"] == seed
+        videos = sorted(os.listdir(tmp_path / "synthetic-data" / "videos"))
+        assert videos == [f"clip_{i:05d}.mp4" for i in (seed, seed + 1)]
 
 
 def test_lora_final_applies_the_trained_alpha_through_the_stock_loader(tmp_path, clips):

@@ -143,30 +143,27 @@ def test_dataset_is_rendered_again_when_the_renderer_seed_or_count_changed(tmp_p
     from videorepa.video_io import read_video
 
     folder = str(tmp_path / "data")
-    csv_path = world.ensure_dataset(folder, num_clips=2, seed=5)
+    assert world.ensure_dataset(folder, num_clips=2, seed=5)
     video = os.path.join(folder, "videos", "clip_00005.mp4")
-    written = os.stat(video).st_mtime_ns
-    assert world.ensure_dataset(folder, num_clips=2, seed=5) == csv_path
-    assert os.stat(video).st_mtime_ns == written  # the same clips: reused, not rendered again
+    written = os.stat(video).st_ino
+    assert not world.ensure_dataset(folder, num_clips=2, seed=5)
+    assert os.stat(video).st_ino == written  # the same clips: reused, not rendered again
 
     render = synthetic.make_clip
     monkeypatch.setattr(synthetic, "make_clip", lambda seed, **kw: (255 - render(seed, **kw)[0], render(seed, **kw)[1]))
     with caplog.at_level("WARNING", logger="videorepa.world"):
-        world.ensure_dataset(folder, num_clips=2, seed=5)  # what an updated renderer draws differs
+        assert world.ensure_dataset(folder, num_clips=2, seed=5)  # what an updated renderer draws differs
     assert "another renderer" in caplog.text
-    frames = read_video(video)
-    assert abs(frames.astype(float).mean() - (255 - render(5, **world.CLIP)[0]).mean()) < 3
+    assert abs(read_video(video).astype(float).mean() - (255 - render(5, **world.CLIP)[0]).mean()) < 3
     monkeypatch.undo()
 
-    world.ensure_dataset(folder, num_clips=3, seed=6)
-    with open(csv_path) as f:
-        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == [
-            f"videos/clip_{i:05d}.mp4" for i in (6, 7, 8)]
+    assert world.ensure_dataset(folder, num_clips=3, seed=6)
+    assert sorted(os.listdir(os.path.join(folder, "videos"))) == [f"clip_{i:05d}.mp4" for i in (6, 7, 8)]
+    os.remove(os.path.join(folder, "videos", "clip_00007.mp4"))  # a clip gone: the folder is incomplete
+    assert world.dataset_manifest(folder) is None and world.ensure_dataset(folder, num_clips=3, seed=6)
     os.remove(os.path.join(folder, world.DATA_MANIFEST))  # a dataset written before the manifest existed
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="videorepa.world"):
-        world.ensure_dataset(folder, num_clips=3, seed=6)
-    assert "another renderer" in caplog.text and os.path.exists(os.path.join(folder, world.DATA_MANIFEST))
+    assert world.ensure_dataset(folder, num_clips=3, seed=6) and world.dataset_manifest(folder)["seed"] == 6
+    assert sorted(os.listdir(tmp_path)) == ["data", "data.lock"]
 
 
 def test_tube_mask_hides_the_same_patches_in_every_tubelet():

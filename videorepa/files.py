@@ -1,6 +1,7 @@
 """Files that appear whole or not at all."""
 
 import contextlib
+import filecmp
 import os
 import shutil
 
@@ -23,15 +24,43 @@ def atomic_path(path: str):
 @contextlib.contextmanager
 def atomic_folder(path: str):
     """Yields an empty hidden folder beside `path` that replaces `path`, and everything it held, only when the block
-    completes: a crash leaves the old folder whole, and never a mix of an old run's files and a new one's."""
+    completes: until then `path` stays as it was, and it never mixes an earlier writer's files with this one's. Only
+    one writer per `path` at a time (the temporary names are fixed, so a killed writer's leftovers go at the next)."""
     parent, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(parent, f".{name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, old = os.path.join(parent, f".{name}.tmp"), os.path.join(parent, f".{name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
     os.makedirs(tmp)
     try:
         yield tmp
         if os.path.exists(path):
-            shutil.rmtree(path)
+            os.replace(path, old)  # renames, not a delete, stand between the old folder and the new
         os.replace(tmp, path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive(path: str):
+    """Holds an exclusive lock on `path`.lock (created beside it) for the block: processes that prepare the same
+    folder (parallel experiment processes) do it one after another."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{os.path.abspath(path)}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def same_files(a: str, b: str) -> bool:
+    """Whether two folders hold the same files (relative paths) with the same bytes."""
+    def tree(root):
+        return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
+
+    names = tree(a)
+    return os.path.isdir(b) and names == tree(b) and all(
+        filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False) for n in names)

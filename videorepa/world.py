@@ -179,27 +179,39 @@ def clips_digest(num_clips: int, seed: int = 0) -> str:
     return digest.hexdigest()[:16]
 
 
-def ensure_dataset(folder: str, num_clips: int, seed: int = 0) -> str:
-    """`folder/captions.csv` of the world's clips (`CLIP` sizes, mp4), rendered unless the folder already holds
-    exactly these clips: clips of an older renderer, another seed or count are rendered again rather than trained
-    on silently (the feature cache keys on the files, so their features are computed again too)."""
-    from .files import atomic_path
+def ensure_dataset(folder: str, num_clips: int, seed: int = 0) -> bool:
+    """Makes `folder` (captions.csv, videos/) hold the world's clips (`CLIP` sizes, mp4) of these seeds, rendering
+    them unless it already does: a folder of an older renderer, another seed or count is replaced whole rather than
+    trained on silently (the feature cache keys on the files, so their features are computed again too). Returns
+    whether it rendered. Processes sharing the folder wait for each other."""
+    from .files import atomic_folder, exclusive
     from .synthetic import write_dataset
 
-    csv_path, manifest = os.path.join(folder, "captions.csv"), os.path.join(folder, DATA_MANIFEST)
     expected = {"clips": num_clips, "seed": seed, "renderer": clips_digest(num_clips, seed)}
-    if os.path.exists(csv_path):
-        try:
-            with open(manifest, encoding="utf-8") as f:
-                found = json.load(f)
-        except (OSError, ValueError):
-            found = None
+    with exclusive(folder):
+        found = dataset_manifest(folder)
         if found == expected:
-            return csv_path
-        log.warning("%s holds clips of another renderer, seed or count (%s, expected %s): rendering them again",
-                    folder, found, expected)
-    log.info("rendering %d synthetic physics clips to %s", num_clips, folder)
-    write_dataset(folder, num_clips=num_clips, seed=seed, **CLIP)
-    with atomic_path(manifest) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(expected, f)
-    return csv_path
+            return False
+        if os.path.exists(folder):
+            log.warning("%s holds clips of another renderer, seed or count (%s, expected %s): rendering them again",
+                        folder, found, expected)
+        log.info("rendering %d synthetic physics clips to %s", num_clips, folder)
+        with atomic_folder(folder) as tmp:
+            write_dataset(tmp, num_clips=num_clips, seed=seed, **CLIP)
+            with open(os.path.join(tmp, DATA_MANIFEST), "w", encoding="utf-8") as f:
+                json.dump(expected, f)
+    return True
+
+
+def dataset_manifest(folder: str) -> dict | None:
+    """What rendered the clips in `folder` (ensure_dataset's record), or None if unknown or any clip is missing."""
+    from .data import read_captions
+
+    try:
+        with open(os.path.join(folder, DATA_MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+        videos = [video for video, _ in read_captions(os.path.join(folder, "captions.csv"))]
+    except (OSError, ValueError):
+        return None
+    complete = len(videos) == manifest.get("clips") and all(map(os.path.exists, videos))
+    return manifest if complete else None
