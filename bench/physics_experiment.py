@@ -1,6 +1,6 @@
 """Does token relation distillation make generated motion more physical? The tiny world's answer, on a CPU.
 
-    python bench/physics_experiment.py                      # 5 arms × 3 seeds, then the table
+    python bench/physics_experiment.py                      # 5 arms × 6 seeds, then the table
     python bench/physics_experiment.py --seeds 1 &          # runs are independent: one process per seed works too
     python bench/physics_experiment.py --seeds 0 --arms none trd-full --steps 50   # a quick look
 
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="runs/physics-experiment")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=list(range(6)))
     p.add_argument("--steps", type=int, default=300, help="training steps of every run")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--clips", type=int, default=world.TRAIN_CLIPS, help="training clips (the same for every run)")
