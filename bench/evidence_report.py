@@ -198,6 +198,23 @@ def _references(rows):
     return f"square GEMM {gemm} TFLOP/s; device copy {copy} (read + write, measured next to each shape)"
 
 
+def _profile(profile: dict, rows) -> list[str]:
+    """kernel_profile.py's rows: device ms and executed rate per kernel and variant, against the square bf16 GEMM."""
+    peak = next((r["tflops"] for r in rows if r.get("what") == "gemm-peak" and r.get("dtype") == "bf16"), None)
+    lines = []
+    for r in profile["kernels"]:
+        rate = r.get("tflops")
+        lines.append(["B{} N{} D{}".format(*r["shape"]), r["variant"], r["kernel"], _fmt(r["ms"]), _fmt(rate),
+                      f"{100 * rate / peak:.0f} %" if rate and peak else "–"])
+    out = _table(["shape", "variant", "kernel", "device ms", "executed TFLOP/s", "of the square bf16 GEMM"], lines)
+    replays = profile.get("graph_replay_ms", {})
+    if replays:
+        out += ["", "Paper shape fwd+bwd replayed as a CUDA graph: "
+                + ", ".join(f"{impl} {_fmt(ms)} ms" for impl, ms in replays.items())
+                + "; host time per call in log.txt (host_overhead.py)."]
+    return out
+
+
 def _step_time(step: dict) -> str:
     if step.get("ms"):
         return _fmt(step["ms"], 4)
@@ -237,6 +254,8 @@ def summarize(results: dict) -> str:
         elif name == "train":
             steps = results.get("train_rows", [])
             outcome = f"{sum(1 for r in steps if r.get('ms'))} of {len(steps)} measurements timed"
+        elif name == "profile" and results.get("profile"):
+            outcome = f"{len(results['profile']['kernels'])} kernel rows"
         lines.append([name, _fmt(part["budget_s"], 4), _fmt(part.get("seconds"), 4), part["status"], outcome])
     out += _table(["part", "budget s", "used s", "status", "outcome"], lines)
     failing = (results.get("tests") or {}).get("failing", [])
@@ -262,6 +281,9 @@ def summarize(results: dict) -> str:
     out += _sensitivity(rows, roles["paper"])
     out += ["", "## Paper shape, other modes (fwd+bwd)", ""] + _modes(rows, roles["paper"])
     out += ["", "## Sweep, B = 1, fwd+bwd (plot.png)", ""] + _sweep(rows)
+    if results.get("profile"):
+        out += ["", "## Per kernel: two-pass fwd+bwd, bf16, student gradient (profile part)", ""]
+        out += _profile(results["profile"], rows)
     steps = results.get("train_rows", [])
     if steps:
         out += ["", f"## Training step ({steps[0]['model']}, B = {steps[0]['B']})", ""]

@@ -3,22 +3,25 @@
     python bench/gpu_evidence.py --output-dir bench/results/h100-2026-01-01      # about 8 minutes on an H100
     python bench/gpu_evidence.py --device cpu --quick --output-dir /tmp/evidence  # the same orchestration, tiny
 
-Three parts, each a child process with its own budget plus what the parts before it left unused, so the whole
+Four parts, each a child process with its own budget plus what the parts before it left unused, so the whole
 run stays within the sum. A part that overruns is cut (its process group killed), recorded as cut, and what it
 finished is kept: the benchmarks rewrite their JSON after every row and start no new measurement within a margin
-of their budget's end.
+of their budget's end. They come last, so that they take every second the fixed-size parts leave.
 
-  tests  the kernel tests on the device against float64, and the training patterns and compiled steps around them
-         (VIDEOREPA_TEST_DEVICE=cuda pytest TEST_PATHS);
-         pass, fail and skip counts are read from pytest's per-test lines, so a cut run still counts.
-  bench  bench_trd.py at every headline shape (paper B=4 N=3600 D=768; full grid B=1 N=32400; student width 1920),
-         bf16, fwd and fwd+bwd, every implementation; the paper shape again on independent randn inputs and in
-         spatial and temporal modes; then a B=1 sweep over N, coarse sizes first so a cut leaves a coarse sweep.
-         Implementations that would not fit or take too long are skipped up front, with the estimate.
-  train  bench_train_step.py: a CogVideoX-2B-sized training step with fused vs naive TRD (needs diffusers).
+  tests    the kernel tests on the device against float64, and the training patterns and compiled steps around them
+           (VIDEOREPA_TEST_DEVICE=cuda pytest TEST_PATHS);
+           pass, fail and skip counts are read from pytest's per-test lines, so a cut run still counts.
+  train    bench_train_step.py: a CogVideoX-2B-sized training step with fused vs naive TRD (needs diffusers).
+  profile  kernel_profile.py (CUDA only): device time and rate of each kernel, against the main loop of pass 1's
+           tiles alone; the call replayed as a CUDA graph; then host_overhead.py's host time per call.
+  bench    bench_trd.py at every headline shape (paper B=4 N=3600 D=768; full grid B=1 N=32400; student width 1920),
+           bf16, fwd and fwd+bwd, every implementation; the paper shape again on independent randn inputs and in
+           spatial and temporal modes; then a B=1 sweep over N, coarse sizes first so a cut leaves a coarse sweep.
+           Implementations that would not fit or take too long are skipped up front, with the estimate.
 
 The folder gets results.json (everything: environment, plan, parts, test counts, rows, targets), summary.md (one
-page), plot.png, log.txt (every part's output) and the parts' own files part-bench.json and part-train.json.
+page), plot.png, log.txt (every part's output) and the parts' own files part-bench.json, part-train.json and
+part-profile.json.
 """
 
 import argparse
@@ -43,10 +46,12 @@ from bench_trd import (FULL_RES, IMPLS, PAPER, SWEEP_TOKENS, WIDE, Group, Shape,
                        environment, plot, run_benchmarks, sweep, write_json)
 from evidence_report import summarize, targets  # noqa: E402
 
-PARTS = ("tests", "bench", "train")
-# Budgets in seconds, estimated for an H100 (the tests compile every kernel variant; the benchmarks autotune and
-# compile torch.compile(naive) per shape; the training step builds a 1.7 B-parameter model): 460 s in all.
-BUDGETS_S = {"cuda": {"tests": 130, "bench": 240, "train": 90}, "cpu": {"tests": 60, "bench": 90, "train": 60}}
+PARTS = ("tests", "train", "profile", "bench")
+# Budgets in seconds for an H100, from the runs of 2026-11-25 (bench/NOTES.md v4.3): the tests, which compile every
+# kernel variant, were cut at 130 s with 262 of 283 done, and the compiled-step tests not reached; the training
+# step (a 1.7 B-parameter model) took 63 s; the benchmarks 177 s of 240 for every row. 470 s in all.
+BUDGETS_S = {"cuda": {"tests": 190, "train": 70, "profile": 45, "bench": 165},
+             "cpu": {"tests": 60, "train": 60, "profile": 10, "bench": 90}}
 # The benchmarks start no new measurement this long before their budget ends: the longest single one expected.
 SOFT_MARGIN_S = {"cuda": 25, "cpu": 10}
 # The kernel tests against float64, and the training patterns and torch.compile steps around them (the
@@ -165,7 +170,9 @@ def child_env(args) -> dict:
 
 
 def tests_command(args) -> list[str]:
-    command = [sys.executable, "-m", "pytest", *args.tests, "-v", "-rfE", "--tb=short", "-p", "no:cacheprovider"]
+    # --durations: where the budget goes, for the next revision of it
+    command = [sys.executable, "-m", "pytest", *args.tests, "-v", "-rfE", "--tb=short", "-p", "no:cacheprovider",
+               "--durations=25"]
     if args.tests_filter:
         command += ["-k", args.tests_filter]
     if args.tests_workers > 1:
@@ -176,6 +183,9 @@ def tests_command(args) -> list[str]:
 def part_command(name: str, args, budget_s: float) -> list[str]:
     if name == "tests":
         return tests_command(args)
+    if name == "profile":
+        return [sys.executable, os.path.join(HERE, "kernel_profile.py"), "--json",
+                os.path.join(args.output_dir, "part-profile.json")]
     if name == "bench":
         soft = max(budget_s - SOFT_MARGIN_S[args.device], 1.0)
         return [sys.executable, os.path.join(HERE, "gpu_evidence.py"), "--part", "bench", "--soft-budget-s",
@@ -213,7 +223,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes, no torch.compile, a test subset on cpu: checks the orchestration in seconds")
     p.add_argument("--output-dir", help="default: bench/results/<device>-<date>")
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="default: all three, in order")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="default: all four, in order")
     for part in PARTS:
         p.add_argument(f"--{part}-budget-s", type=float,
                        help=f"seconds for the {part} part (default: {BUDGETS_S['cuda'][part]} on cuda, "
@@ -265,6 +275,8 @@ def main(argv=None):
             record = {"budget_s": round(budget, 1), "command": " ".join(command)}
             if name == "train" and importlib.util.find_spec("diffusers") is None:
                 record.update(status="skipped: diffusers is not installed", seconds=0.0)
+            elif name == "profile" and args.device != "cuda":
+                record.update(status="skipped: needs a CUDA device", seconds=0.0)
             else:
                 log.write(f"\n===== {name}: {record['command']}\n")
                 log.flush()
@@ -278,6 +290,7 @@ def main(argv=None):
             print(f"== {name}: {record['status']} after {record['seconds']} s (budget {budget:.0f} s)", flush=True)
     results["rows"] = read_json(os.path.join(args.output_dir, "part-bench.json"), [])
     results["train_rows"] = read_json(os.path.join(args.output_dir, "part-train.json"), [])
+    results["profile"] = read_json(os.path.join(args.output_dir, "part-profile.json"), None)
     results["targets"] = targets(results)
     results["seconds"] = round(time.monotonic() - started, 1)
     if results["rows"]:

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+import evidence_report
 import gpu_evidence
 from evidence_report import _fmt
 
@@ -26,8 +27,10 @@ def test_quick_run_fills_one_flat_folder(quick_run):
     assert {p.name for p in out.iterdir()} == expected  # ≤ 8 files, no sub-folders: what a device run brings back
     assert all((out / name).stat().st_size > 0 for name in expected)
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
-    assert [p["status"] for p in results["parts"].values()] == (
-        ["done"] * 3 if has_train else ["done", "done", "skipped: diffusers is not installed"])
+    assert list(results["parts"]) == ["tests", "train", "profile", "bench"]  # the elastic benchmarks last
+    assert [p["status"] for p in results["parts"].values()] == [
+        "done", "done" if has_train else "skipped: diffusers is not installed", "skipped: needs a CUDA device", "done"]
+    assert results["profile"] is None
 
 
 def test_quick_run_counts_the_tests_it_ran(quick_run):
@@ -81,6 +84,18 @@ def test_summary_holds_the_headline_numbers_of_the_rows(quick_run):
         assert f"| {part} | {budget} | {used} | {record['status']} |" in summary
     assert summary.count("not measured: no Triton rows in this run") == 5  # every target, none faked on CPU
     assert [t["met"] for t in results["targets"]] == [None] * 5
+
+
+def test_summary_holds_the_profile_parts_kernel_rates(quick_run):
+    _, results = quick_run
+    peak = next(r["tflops"] for r in results["rows"] if r.get("what") == "gemm-peak" and r["dtype"] == "bf16")
+    profile = {"kernels": [dict(shape=[4, 3600, 768], variant="triangle", kernel="pass 1", ms=0.25, tflops=350.0),
+                           dict(shape=[4, 3600, 768], variant="triangle", kernel="all kernels", ms=0.5)],
+               "graph_replay_ms": {"two-pass": 0.49, "naive": 2.15}}
+    summary = evidence_report.summarize({**results, "profile": profile})
+    assert f"| B4 N3600 D768 | triangle | pass 1 | 0.25 | 350 | {100 * 350 / peak:.0f} % |" in summary
+    assert "| B4 N3600 D768 | triangle | all kernels | 0.5 | – | – |" in summary
+    assert "replayed as a CUDA graph: two-pass 0.49 ms, naive 2.15 ms" in summary
 
 
 def test_a_part_past_its_budget_is_cut_and_recorded(tmp_path):
