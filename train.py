@@ -267,6 +267,9 @@ def build_dataset(args, rank, world, waiting, pipe, teacher, device):
         "teacher_path": os.path.abspath(args.teacher_path) if args.teacher_path else None,
         "frames": cfg.num_frames, "height": cfg.height, "width": cfg.width,
         "teacher_size": [cfg.teacher_height, cfg.teacher_width],
+        # tiling and the frozen encoders' dtype change the latents and embeddings
+        "vae_tiling": bool(args.vae_tiling), "vae_dtype": str(pipe.vae.dtype),
+        "text_encoder_dtype": str(pipe.text_encoder.dtype), "teacher_dtype": str(next(teacher.parameters()).dtype),
     })
     todo = [i for i in range(rank, len(videos), world) if cache.load(cache.key(*videos.rows[i])) is None]
     from tqdm import tqdm
@@ -394,6 +397,24 @@ def save_final(args, pipe, model, weights):
     return final
 
 
+def all_finite(value: torch.Tensor, world: int) -> bool:
+    """Whether `value` is finite on every rank: all ranks get the same answer and stop together, instead of the
+    others waiting in the next collective."""
+    finite = torch.isfinite(value).all().float()
+    if world > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite)
+
+
+def mean_over_ranks(totals: dict, world: int) -> dict:
+    """The step's losses (0-dim tensors) as floats, averaged over the ranks' batches (one collective)."""
+    values = torch.stack([totals[k].float() for k in totals])
+    if world > 1:
+        torch.distributed.all_reduce(values)
+        values /= world
+    return dict(zip(totals, values.tolist()))
+
+
 def autocast(device, dtype):
     """The mixed-precision context of training, for validation too: the float32 transformer then meets the VAE's
     and the text encoder's bf16 tensors in bf16."""
@@ -485,7 +506,7 @@ def main(argv=None):
     cached = args.cache_dir is not None
     start = time.time()
     while step < args.max_steps:
-        totals = {"loss": 0.0, "loss_diffusion": 0.0, "loss_align": 0.0}
+        totals = dict.fromkeys(("loss", "loss_diffusion", "loss_align"), 0.0)
         for micro in range(args.gradient_accumulation_steps):
             batch = next_usable_batch(batches, skipped, len(dataset))
             position = batch["position"]
@@ -499,27 +520,32 @@ def main(argv=None):
             latents = pad_latent_frames(latents, pipe.transformer.config.patch_size_t)
             sync = contextlib.nullcontext() if micro == args.gradient_accumulation_steps - 1 \
                 else no_gradient_sync(trained, parallel)
-            with sync:
-                with autocast(device, autocast_dtype), attention_kernel(attention):
+            # The attention kernel holds over backward too: gradient checkpointing recomputes blocks there.
+            with sync, attention_kernel(attention):
+                with autocast(device, autocast_dtype):
                     out = trained(latents, embeds, teacher_tokens, generator)
-                finite = torch.isfinite(out["loss"].detach()).float()
-                if world > 1:  # every rank stops together, instead of the others waiting in the gradient all-reduce
-                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-                if not finite:
+                if not all_finite(out["loss"].detach(), world):
                     raise FloatingPointError(
                         f"non-finite loss at step {step + 1} (diffusion {out['loss_diffusion'].item():.4g}, "
                         f"align {out['loss_align'].item():.4g}); the last checkpoint in {args.output_dir} is intact")
                 (out["loss"] / args.gradient_accumulation_steps).backward()
             for k in totals:
-                totals[k] += out[k].item() / args.gradient_accumulation_steps
-        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                totals[k] += out[k].detach() / args.gradient_accumulation_steps
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP's sharded parameters give the norm as a DTensor
+            grad_norm = grad_norm.full_tensor()
+        if not all_finite(grad_norm, world):  # a finite loss can still have an inf/NaN gradient: never step on it
+            raise FloatingPointError(f"non-finite gradient norm at step {step + 1} (loss {totals['loss'].item():.4g}); "
+                                     f"the weights were not updated and the last checkpoint in {args.output_dir} "
+                                     "is intact")
+        totals = mean_over_ranks(totals, world)
         lr = optimizer.param_groups[0]["lr"]  # this step's
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         row = {"step": step, **totals, "loss_trd": totals["loss_align"] if args.align_loss == "trd" else None,
-               "lr": lr, "seconds": time.time() - start, "skipped": len(skipped)}
+               "lr": lr, "grad_norm": grad_norm.item(), "seconds": time.time() - start, "skipped": len(skipped)}
         if rank == 0:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_trd import environment, is_oom, write_json  # noqa: E402
 from measure import synchronize, time_samples  # noqa: E402
 from videorepa.alignment import TokenAligner  # noqa: E402
+from videorepa.diffusion import token_grid  # noqa: E402
 from videorepa.memory import PeakMemory  # noqa: E402
 from videorepa.models import build_scheduler, build_transformer  # noqa: E402
 from videorepa.presets import get_preset  # noqa: E402
@@ -46,11 +47,15 @@ def build_model(size: str, device, checkpointing: bool):
     return VideoREPAModel(transformer, build_scheduler(), None, preset.align_layer)
 
 
+def latent_frames(cfg) -> int:
+    """Latent frames of the transformer's default clip (its config's sample_frames through the VAE's time factor)."""
+    return (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
+
+
 def grids(model, size: str):
     cfg = model.transformer.config
     preset = get_preset(size)
-    student_grid = ((cfg.sample_frames - 1) // 4 + 1, cfg.sample_height // cfg.patch_size,
-                    cfg.sample_width // cfg.patch_size)
+    student_grid = token_grid(cfg, (1, latent_frames(cfg), None, cfg.sample_height, cfg.sample_width))
     patch = TEACHER[size][1]
     teacher_grid = ((preset.num_frames - 1) // 2, preset.teacher_height // patch, preset.teacher_width // patch)
     return student_grid, teacher_grid
@@ -66,10 +71,10 @@ def set_relation_grid(model, size: str, relation_grid: str, device):
                                  relation_grid).to(device)
 
 
-def inputs(model, student_grid, teacher_grid, batch, size, device):
+def inputs(model, teacher_grid, batch, size, device):
     cfg = model.transformer.config
     gen = torch.Generator(device=device).manual_seed(0)
-    latents = torch.randn(batch, student_grid[0], cfg.in_channels, cfg.sample_height, cfg.sample_width,
+    latents = torch.randn(batch, latent_frames(cfg), cfg.in_channels, cfg.sample_height, cfg.sample_width,
                           generator=gen, device=device)
     text = torch.randn(batch, cfg.max_text_seq_length, cfg.text_embed_dim, generator=gen, device=device)
     teacher = torch.randn(batch, *teacher_grid, TEACHER[size][0], generator=gen, device=device)
@@ -123,12 +128,12 @@ def main(argv=None):
     env = environment(args.device)
     torch.manual_seed(0)
     model = build_model(args.model_size, device, not args.no_gradient_checkpointing)
-    student_grid, teacher_grid = grids(model, args.model_size)
+    teacher_grid = grids(model, args.model_size)[1]
     rows = []
     for grid in args.relation_grids:
         set_relation_grid(model, args.model_size, grid, device)
         tokens = model.aligner.tokens_per_frame * teacher_grid[0]
-        batch_inputs = inputs(model, student_grid, teacher_grid, args.batch_size, args.model_size, device)
+        batch_inputs = inputs(model, teacher_grid, args.batch_size, args.model_size, device)
         for backend in args.backends:
             model.trd_backend = backend
             row = {"model": args.model_size, "trd_backend": backend, "relation_grid": grid, "B": args.batch_size,

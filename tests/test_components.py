@@ -1,5 +1,6 @@
 """The pieces train.py is built from: teachers, token alignment, attention routing, data and synthetic clips."""
 
+import importlib.util
 import os
 
 import numpy as np
@@ -236,17 +237,25 @@ def test_sdpa_flash_runs_the_flash_kernel():
     assert "aten._scaled_dot_product_flash_attention_for_cpu" not in ops
 
 
-def test_flash_attn_route_calls_flash_attn_with_its_layout():
+@pytest.mark.parametrize("layer_norm_in_fp32", [False, True], ids=["cpu-autocast", "cuda-autocast"])
+def test_flash_attn_route_calls_flash_attn_with_its_layout(layer_norm_in_fp32, monkeypatch):
+    """Every block's attention reaches flash-attn, in its (B, L, heads, D) layout, under autocast as on the CPU and
+    as on CUDA, whose autocast runs LayerNorm in float32 (torch/testing/_internal/autocast_test_lists.py): there
+    CogVideoX's q and k, normalised by LayerNorms, arrive in float32 and the value in bf16."""
     calls = []
     sdpa = F.scaled_dot_product_attention
 
     def fake_flash_attn_func(q, k, v, softmax_scale=None, causal=False):
-        calls.append(q.shape)
+        calls.append((q.shape, q.dtype, k.dtype, v.dtype))
         out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
 
     from videorepa.diffusion import token_grid
 
+    if layer_norm_in_fp32:
+        layer_norm = F.layer_norm
+        monkeypatch.setattr(F, "layer_norm", lambda x, *args, **kwargs: layer_norm(
+            x.float(), *[a.float() if isinstance(a, torch.Tensor) else a for a in args], **kwargs))
     forward, cfg = cogvideox_forward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = forward()[0]
@@ -254,14 +263,20 @@ def test_flash_attn_route_calls_flash_attn_with_its_layout():
             got = forward()[0]
     frames, h, w = token_grid(cfg, (1, 2, None, cfg.sample_height, cfg.sample_width))  # 2 latent frames
     tokens = cfg.max_text_seq_length + frames * h * w
-    # (B, L, heads, head_dim), once per block
-    assert len(calls) == cfg.num_layers and calls[0][1:] == (tokens, cfg.num_attention_heads, cfg.attention_head_dim)
+    # (B, L, heads, head_dim), once per block, all in the autocast dtype
+    assert len(calls) == cfg.num_layers
+    assert calls[0] == (torch.Size([1, tokens, cfg.num_attention_heads, cfg.attention_head_dim]),
+                        *[torch.bfloat16] * 3)
     torch.testing.assert_close(got, expected)
     assert F.scaled_dot_product_attention is sdpa  # restored
 
 
 def test_attention_choice():
     assert resolve_attention("auto", torch.device("cpu"), torch.float32) == "sdpa"
+    # FlashAttention kernels take fp16/bf16 only: float32 on CUDA gets PyTorch's own choice
+    assert resolve_attention("auto", torch.device("cuda"), torch.float32) == "sdpa"
+    flash = "flash-attn" if importlib.util.find_spec("flash_attn") else "sdpa-flash"
+    assert resolve_attention("auto", torch.device("cuda"), torch.bfloat16) == flash
     assert resolve_attention("sdpa-flash", torch.device("cpu"), torch.float32) == "sdpa-flash"
     with pytest.raises(ValueError, match="--attention must be one of"):
         resolve_attention("xformers", torch.device("cpu"), torch.float32)

@@ -383,6 +383,9 @@ def test_feature_cache_is_filled_once_and_reused(tmp_path, clips):
     run_train(tmp_path / "b", "--max-steps", "2", "--cache-dir", str(cache), data=clips)
     assert [os.stat(p).st_mtime_ns for p in entries] == stamps  # reused, not rewritten
     assert metrics(tmp_path / "b")[-1]["skipped"] == 0
+    # VAE tiling (like the frozen encoders' dtype) changes the latents: a run with it has entries of its own
+    run_train(tmp_path / "c", "--max-steps", "1", "--vae-tiling", "--cache-dir", str(cache), data=clips)
+    assert len(list(cache.rglob("*.pt"))) == 16
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -550,6 +553,79 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, clips, mo
     weights = load_file(tmp_path / "checkpoint-2" / "trainable.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not os.path.exists(tmp_path / "final")
+
+
+def test_non_finite_gradient_stops_before_the_weights_change(tmp_path, clips, monkeypatch):
+    """A finite loss whose gradient is NaN (here every gradient of step 3) must not reach the optimizer: before,
+    step 3 wrote NaN weights and checkpoint-3 saved them."""
+    import videorepa.training as training
+
+    class NaNGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    real, calls = training.diffusion_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return NaNGradient.apply(loss) if len(calls) == 3 else loss
+
+    monkeypatch.setattr(training, "diffusion_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm at step 3.*not updated"):
+        run_train(tmp_path, "--max-steps", "5", "--checkpoint-every", "1", data=clips)
+    assert not os.path.exists(tmp_path / "checkpoint-3") and not os.path.exists(tmp_path / "final")
+    weights = load_file(tmp_path / "checkpoint-2" / "trainable.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def _ranks_agree(rank, world):
+    """train.py's cross-rank reductions, rank 1 holding a NaN."""
+    totals = {"loss": torch.tensor(1.0 + rank), "loss_align": torch.tensor(2.0 * rank)}
+    return train.mean_over_ranks(totals, world), train.all_finite(torch.tensor(float("nan") if rank else 1.0), world)
+
+
+def test_ranks_log_the_mean_loss_and_stop_together():
+    from multiprocess import run_processes
+
+    assert run_processes(2, _ranks_agree) == [({"loss": 1.5, "loss_align": 1.0}, False)] * 2
+
+
+@pytest.fixture
+def fake_flash_attn(monkeypatch):
+    """An installed `flash_attn` whose kernel is plain attention, saving other tensors for backward than SDPA does
+    (as the real one does); it counts its calls."""
+    import importlib.machinery
+    import types
+
+    module = types.ModuleType("flash_attn")
+    module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    module.calls = 0
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False):
+        module.calls += 1
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        weights = torch.softmax(q @ k.transpose(-1, -2) * (softmax_scale or q.shape[-1] ** -0.5), dim=-1)
+        return (weights @ v).transpose(1, 2)
+
+    module.flash_attn_func = flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    return module
+
+
+def test_gradient_checkpointing_recomputes_on_the_same_attention_kernel(tmp_path, clips, fake_flash_attn):
+    """Checkpointed blocks are recomputed in backward: there too on flash-attn, else torch.utils.checkpoint finds
+    other saved tensors (CheckpointError) or, on another SDPA kernel, other values."""
+    from videorepa.world import TRANSFORMER_CONFIG
+
+    run_train(tmp_path, "--max-steps", "1", "--gradient-checkpointing", "--attention", "flash-attn",
+              "--mixed-precision", "bf16", data=clips)
+    assert fake_flash_attn.calls == 2 * TRANSFORMER_CONFIG["num_layers"]  # each block in forward and recomputed
 
 
 def test_training_from_a_local_pipeline_directory(tmp_path, clips):

@@ -7,8 +7,11 @@ set_attention_backend never reaches it. What does:
 - "flash-attn": the flash-attn package's kernel, routed in by swapping the SDPA function the processor calls for
   the duration of the forward (masks and dropout, which CogVideoX does not use, fall back to SDPA);
 - "sdpa": PyTorch's own choice.
-"auto" takes flash-attn when it is installed and the model runs in fp16/bf16 on CUDA, else sdpa-flash on CUDA,
-else sdpa.
+"auto" takes flash-attn when it is installed and the model runs in fp16/bf16 on CUDA, else sdpa-flash for fp16/bf16
+on CUDA, else sdpa (FlashAttention kernels take fp16/bf16 only).
+
+The context must hold over the backward pass too: with gradient checkpointing, blocks are recomputed there, and a
+recomputation on another kernel saves other tensors (torch.utils.checkpoint then fails) or other values.
 """
 
 import contextlib
@@ -29,14 +32,22 @@ def resolve_attention(choice: str, device: torch.device, dtype: torch.dtype) -> 
         raise ValueError("--attention flash-attn needs the flash-attn package (pip install 'videorepa[flash]')")
     if choice != "auto":
         return choice
-    if device.type == "cuda":
-        return "flash-attn" if has_flash_attn and dtype in (torch.float16, torch.bfloat16) else "sdpa-flash"
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return "flash-attn" if has_flash_attn else "sdpa-flash"
     return "sdpa"
 
 
 def _flash_attn_sdpa(flash_attn_func, fallback):
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        if attn_mask is not None or dropout_p or kwargs or query.dtype not in (torch.float16, torch.bfloat16):
+        device = query.device.type
+        if torch.is_autocast_enabled(device):
+            # Autocast casts SDPA's inputs to its dtype, but only once the call reaches the dispatcher, after this
+            # function. CogVideoX's q and k come from LayerNorm, which CUDA's autocast runs in float32: without the
+            # same cast here, every call would fall back to SDPA.
+            dtype = torch.get_autocast_dtype(device)
+            query, key, value = (x.to(dtype) for x in (query, key, value))
+        if attn_mask is not None or dropout_p or kwargs or query.dtype not in (torch.float16, torch.bfloat16) or \
+                key.dtype != query.dtype or value.dtype != query.dtype:
             return fallback(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, **kwargs)
         # SDPA's layout is (B, heads, L, D); flash-attn's is (B, L, heads, D).
