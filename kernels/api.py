@@ -31,16 +31,18 @@ def resolve_backend(backend: str, device: torch.device, *dtypes: torch.dtype) ->
     return "torch"
 
 
-def _check_options(student, teacher, backend: str, schedule: str) -> str:
-    """The resolved backend; bad options and inputs the chosen backend cannot take raise."""
+def _check_options(student, teacher, backend: str, schedule: str):
+    """(the resolved backend, student, teacher): for Triton, contiguous copies of inputs whose strides its int32
+    indexing cannot take; bad options and inputs the chosen backend cannot take raise."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     chosen = resolve_backend(backend, student.device, student.dtype, teacher.dtype)
     if chosen == "triton":
-        from .triton_common import check_inputs
+        from .triton_common import check_inputs, indexable
 
+        student, teacher = indexable(student), indexable(teacher)
         check_inputs(student, teacher)
-    return chosen
+    return chosen, student, teacher
 
 
 def trd_loss(
@@ -85,10 +87,9 @@ def trd_loss(
         if world > 1:
             return _sharded_trd_loss(student, teacher, margin, mode, tokens_per_frame, backend, schedule, group)
     problem = validate(student, teacher, margin, mode, tokens_per_frame)
-    chosen = _check_options(problem.student, problem.teacher, backend, schedule)
+    chosen, s, t = _check_options(problem.student, problem.teacher, backend, schedule)
     if chosen == "naive":
         return naive_trd_loss(problem)
-    s, t = problem.student, problem.teacher
     need_s = torch.is_grad_enabled() and s.requires_grad
     need_t = torch.is_grad_enabled() and t.requires_grad
     arguments = (problem.margin, mode, None if mode == "full" else tokens_per_frame)
@@ -106,7 +107,7 @@ def _sharded_trd_loss(student, teacher, margin, mode, tokens_per_frame, backend,
 
     try:
         s, t = check_shard(student, teacher, margin, mode, tokens_per_frame)
-        chosen = _check_options(s, t, backend, schedule)
+        chosen, s, t = _check_options(s, t, backend, schedule)
     except (TypeError, ValueError):
         announce_failure(group, student)  # the other processes raise instead of waiting for this one
         raise

@@ -31,11 +31,32 @@ def wide_weights(dtype: torch.dtype) -> bool:
     return dtype == torch.float16
 
 
+# The kernels index the elements inside one clip in int32 (the clip's own offset is int64): a clip's token and
+# feature offsets must stay below this.
+INT32_OFFSETS = 2**31
+
+
+def clip_extent(x: torch.Tensor) -> int:
+    """1 + the largest element offset inside one clip of x (B, N, D): N·D for a contiguous x."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(x.shape[1:], x.stride()[1:]))
+
+
+def indexable(x: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D), or a contiguous copy where its strides spread one clip past int32 offsets although its elements
+    would fit (a sequence-first tensor transposed, a slice of a wider buffer): the kernels would read wrapped
+    addresses, silently."""
+    return x.contiguous() if clip_extent(x) > INT32_OFFSETS >= x.shape[1] * x.shape[2] else x
+
+
 def check_inputs(student: torch.Tensor, teacher: torch.Tensor) -> None:
     for name, x in (("student", student), ("teacher", teacher)):
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"backend 'triton' takes float32, bfloat16 or float16 {name}, got {x.dtype}; "
                             "use backend='torch' for it")
+        if clip_extent(x) > INT32_OFFSETS:
+            raise ValueError(f"backend 'triton' indexes one clip's elements in int32, but one clip of {name} "
+                             f"(shape {tuple(x.shape)}, strides {x.stride()}) spans {clip_extent(x)} elements "
+                             f"(> 2**31); pass it contiguous if N·D < 2**31, else use backend='torch'")
     if not (student.is_cuda or interpreter_enabled()):
         raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device "
                          f"{student.device}; use backend='torch' or 'auto'")

@@ -58,8 +58,8 @@ def _norms_kernel(X, R, Q, ROWS, N, D, stride_b, stride_n, stride_d, eps,
 @triton.jit
 def _triangle_row(p, n):
     """Row P of the upper triangle of an n × n grid (row P holds n − P entries) that linear index p falls in."""
-    b2 = 2 * n + 1
-    row = ((b2 - tl.sqrt((b2 * b2 - 8 * p).to(tl.float32))) * 0.5).to(tl.int32)
+    b2 = tl.cast(2 * n + 1, tl.float64)  # b2² passes int32 at n ≥ 23,170; one sqrt per program
+    row = ((b2 - tl.sqrt(b2 * b2 - 8.0 * p.to(tl.float64))) * 0.5).to(tl.int32)
     row = tl.where(row * n - (row * (row - 1)) // 2 > p, row - 1, row)  # float rounding, either way
     row = tl.where((row + 1) * n - ((row + 1) * row) // 2 <= p, row + 1, row)
     return row

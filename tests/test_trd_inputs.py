@@ -3,7 +3,12 @@
 import pytest
 import torch
 
+import triton
+import triton.language as tl
+
+from devices import DEVICE
 from videorepa.kernels import count_pairs, trd_loss
+from videorepa.kernels.triton_two_pass import _triangle_row
 from videorepa.memory import PeakMemory
 
 S, T = torch.randn(2, 12, 8), torch.randn(2, 12, 5)
@@ -142,3 +147,50 @@ def test_full_mode_ignores_tokens_per_frame(backend):
     loss = trd_loss(s, teacher, mode="full", tokens_per_frame=5.0, backend=backend)
     loss.backward()
     assert loss.item() == trd_loss(student, teacher, mode="full", backend=backend).item()
+
+
+def test_strides_past_int32_offsets_are_read_right():
+    """A clip whose token stride puts its last token 2³¹ elements in (here a (1, 3, 16) view with token stride 2³⁰,
+    as a transposed sequence-first tensor would have) was read at wrapped int32 offsets by the Triton kernels,
+    silently; now it is copied contiguous first, and a clip of more than 2³¹ elements is refused."""
+    from videorepa.kernels.triton_common import check_inputs, indexable
+
+    buffer = torch.empty(2 * 2**30 + 16, dtype=torch.float16, device=DEVICE)  # only three rows are ever written
+    student = buffer.as_strided((1, 3, 16), (48, 2**30, 1))
+    gen = torch.Generator().manual_seed(0)
+    student.copy_(torch.randn(1, 3, 16, generator=gen))
+    student = student.detach().requires_grad_()
+    teacher = torch.randn(1, 3, 8, generator=gen).half().to(DEVICE)
+    contiguous = student.detach().contiguous()
+    expected = trd_loss(contiguous, teacher, 0.0, backend="naive")  # float16 rounding apart (~2e-3)
+    for schedule in ("two-pass", "fused"):
+        loss = trd_loss(student, teacher, 0.0, backend="triton", schedule=schedule)
+        assert torch.equal(loss, trd_loss(contiguous, teacher, 0.0, backend="triton", schedule=schedule))
+        torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-5)
+    loss.backward()
+    assert student.grad.shape == (1, 3, 16) and torch.isfinite(student.grad).all()
+    wide = torch.empty_strided((1, 3, 16), (48, 2**30, 1), device="meta")
+    assert indexable(wide).is_contiguous() and indexable(student) is not student
+    assert indexable(S) is S  # nothing copied where the offsets fit
+    huge = torch.empty(1, 2**21 + 1, 1024, device="meta", dtype=torch.bfloat16)  # N·D = 2³¹ + 1024
+    with pytest.raises(ValueError, match=r"int32.*student.*2147484672 elements"):
+        check_inputs(huge, huge)
+
+
+@triton.jit
+def _rows_of(P, OUT, n, M, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(OUT + i, _triangle_row(tl.load(P + i, mask=i < M, other=0), n), mask=i < M)
+
+
+def test_triangle_walk_finds_its_row_past_int32_squares():
+    """Pass 1's triangle of n super-rows maps program p to its row through sqrt((2n + 1)² − 8p): (2n + 1)² passes
+    int32 at n ≥ 23,170, where the rows came out wrong."""
+    for n in (1, 9, 30000):
+        row = torch.arange(n, dtype=torch.int64)
+        starts = row * n - row * (row - 1) // 2
+        p = torch.cat([starts, starts[1:] - 1, starts + 1, torch.randint(0, n * (n + 1) // 2, (4000,))])
+        p = p[p < n * (n + 1) // 2].to(torch.int32)
+        out = torch.empty_like(p, device=DEVICE)
+        _rows_of[(triton.cdiv(len(p), 1024),)](p.to(DEVICE), out, n, len(p), BLOCK=1024)
+        assert torch.equal(out.cpu().long(), torch.searchsorted(starts, p.long(), right=True) - 1), n
