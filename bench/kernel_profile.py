@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from videorepa.kernels import trd_loss  # noqa: E402
 from videorepa.kernels.triton_common import _gram, device_of, dot_precision, fitted_block  # noqa: E402
-from videorepa.kernels.triton_two_pass import (select_configs, tile_grid, two_pass_forward,  # noqa: E402
-                                               two_pass_gradient)
+from videorepa.kernels.triton_two_pass import (_pass1_tile, select_configs, tile_grid,  # noqa: E402
+                                               two_pass_forward, two_pass_gradient)
 from videorepa.kernels.validation import validate  # noqa: E402
 
 SHAPES = ((1, 32400, 768), (4, 3600, 768))
@@ -64,14 +64,16 @@ def step(student, teacher, **options):
 
 @triton.jit
 def _gram_mainloop_kernel(X, OUT, N, D, DS, NB, stride_b, stride_n, stride_d, TWO: tl.constexpr,
-                          BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """The sum of tile (I, J) of X·Xᵀ, tiles walked row by row: pass 1's main loop without its epilogue. TWO: the
-    features [0, DS) and [DS, D) in two accumulators, one after the other, as pass 1 keeps Ŝ and T̂."""
+                          BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr):
+    """The sum of tile (I, J) of X·Xᵀ: pass 1's main loop without its epilogue, its tiles walked GROUP row blocks
+    at a time as pass 1 walks a rectangle (pass 1's triangle groups them as much: GROUP × GROUP super-tiles). TWO:
+    the features [0, DS) and [DS, D) in two accumulators, one after the other, as pass 1 keeps Ŝ and T̂."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    row_block, col_block, _, _ = _pass1_tile(pid, 0, N, N, N, NB, NB, 1, 0, True, BLOCK, GROUP)
     local = tl.arange(0, BLOCK)
-    rows = (pid // NB) * BLOCK + local
-    cols = (pid % NB) * BLOCK + local
+    rows = row_block * BLOCK + local
+    cols = col_block * BLOCK + local
     row_ok, col_ok = rows < N, cols < N
     if TWO:
         first = _gram(X + DS * stride_d, b, rows, cols, row_ok, col_ok, D - DS, stride_b, stride_n, stride_d,
@@ -81,12 +83,12 @@ def _gram_mainloop_kernel(X, OUT, N, D, DS, NB, stride_b, stride_n, stride_d, TW
     else:
         acc = _gram(X, b, rows, cols, row_ok, col_ok, D, stride_b, stride_n, stride_d, BLOCK_K, PRECISION, BLOCK,
                     BLOCK)
-    tl.store(OUT + b * NB * NB + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+    tl.store(OUT + b * NB * NB + row_block * NB + col_block, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
-def gram_tile_sums(x: torch.Tensor, pass1_config, split: int = 0) -> torch.Tensor:
-    """(B, NB²) sums of x·xᵀ's BLOCK × BLOCK tiles, row by row, at pass 1's tile configuration; with `split`, the
-    features before and after it in two accumulators."""
+def gram_tile_sums(x: torch.Tensor, pass1_config, split: int = 0, group: int = 1) -> torch.Tensor:
+    """(B, NB²) sums of x·xᵀ's BLOCK × BLOCK tiles, row by row, computed at pass 1's tile configuration and L2
+    grouping; with `split`, the features before and after it in two accumulators."""
     batch, tokens, dim = x.shape
     block = pass1_config["BLOCK"]
     blocks = triton.cdiv(tokens, block)
@@ -95,7 +97,8 @@ def gram_tile_sums(x: torch.Tensor, pass1_config, split: int = 0) -> torch.Tenso
     launch = {**pass1_config.launch_kwargs(), "BLOCK_K": fitted_block(pass1_config["BLOCK_K"], width)}
     with device_of(x):
         _gram_mainloop_kernel[(blocks * blocks, batch)](x, out, tokens, dim, split, blocks, *x.stride(),
-                                                        TWO=bool(split), PRECISION=dot_precision(x.dtype), **launch)
+                                                        TWO=bool(split), GROUP=group,
+                                                        PRECISION=dot_precision(x.dtype), **launch)
     return out
 
 
@@ -118,7 +121,7 @@ def all_rows_step(student, teacher):
 def mainloop_step(student, teacher, configs, accumulators: int):
     features = torch.cat([student.detach(), teacher], dim=2)
     split = student.shape[2] if accumulators == 2 else 0
-    return lambda: gram_tile_sums(features, configs[0], split)
+    return lambda: gram_tile_sums(features, configs[0], split, configs[2])
 
 
 def executed_flops(problem, configs, all_rows: bool) -> dict:
@@ -190,7 +193,8 @@ def variant_rows(shape, variant, times, flops, configs) -> list[dict]:
     return rows
 
 
-def profile_shape(shape) -> list[dict]:
+def profile_shape(shape):
+    """Each variant's rows, as it is timed."""
     student, teacher = inputs(*shape)
     problem, configs, all_rows = all_rows_step(student, teacher)
     triangle_problem = validate(student, teacher, MARGIN, "full", None)
@@ -203,11 +207,9 @@ def profile_shape(shape) -> list[dict]:
                  triangle_configs),
                 ("main loop ×1", mainloop_step(student, teacher, triangle_configs, 1), triangle_flops,
                  triangle_configs))
-    rows = []
     for variant, run, flops, variant_configs in variants:
-        rows += variant_rows(shape, variant, kernel_times(run), flops, variant_configs)
+        yield variant_rows(shape, variant, kernel_times(run), flops, variant_configs)
         torch.cuda.empty_cache()
-    return rows
 
 
 def print_rows(rows):
@@ -225,19 +227,24 @@ def main(argv=None):
         sys.exit("kernel_profile.py needs a CUDA device")
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__}")
     result = {"device": torch.cuda.get_device_name(), "kernels": [], "graph_replay_ms": {}}
+
+    def save():  # after every measurement: a run cut short keeps what it timed
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
     for shape in SHAPES:
         print(f"== B{shape[0]} N{shape[1]} D{shape[2]}, bf16, student gradient: device ms per call by kernel")
-        rows = profile_shape(shape)
-        print_rows(rows)
-        result["kernels"] += rows
+        for rows in profile_shape(shape):
+            print_rows(rows)
+            result["kernels"] += rows
+            save()
     student, teacher = inputs(*SHAPES[1])
     for name, options in IMPLS.items():
         ms = graphed_ms(step(student, teacher, **options))
         result["graph_replay_ms"][name] = round(ms, 4)
         print(f"CUDA graph replay, B4 N3600 D768 fwd+bwd, {name}: {ms:.3f} ms")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        save()
     if not args.no_host:
         import host_overhead
 

@@ -99,6 +99,7 @@ def test_summary_holds_the_profile_parts_kernel_rates(quick_run):
 
 
 def test_a_part_past_its_budget_is_cut_and_recorded(tmp_path):
+    (tmp_path / "part-profile.json").write_text('{"kernels": [], "graph_replay_ms": {}}')  # an earlier run's
     results = gpu_evidence.main(["--device", "cpu", "--quick", "--parts", "tests", "--tests-budget-s", "0.5",
                                  "--output-dir", str(tmp_path)])
     assert results["parts"]["tests"]["status"] == "cut at its 0.5 s budget"
@@ -106,6 +107,7 @@ def test_a_part_past_its_budget_is_cut_and_recorded(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| tests | 0.5 | " in summary and "cut at its 0.5 s budget" in summary
     assert {p.name for p in tmp_path.iterdir()} == {"results.json", "summary.md", "log.txt"}
+    assert results["profile"] is None
 
 
 def test_pytest_lines_are_counted_with_and_without_workers():

@@ -18,14 +18,14 @@ from videorepa.kernels.validation import validate  # noqa: E402
 DEVICE = os.environ.get("VIDEOREPA_TEST_DEVICE", "cpu")
 
 
-@pytest.mark.parametrize("split", [0, 7])
-def test_main_loop_sums_each_tile_of_the_gram_matrix(split):
-    x = torch.randn(2, 37, 20, device=DEVICE)  # partial last tile, K not a multiple of BLOCK_K
+@pytest.mark.parametrize("split, group", [(0, 1), (7, 1), (0, 2)])
+def test_main_loop_sums_each_tile_of_the_gram_matrix(split, group):
+    x = torch.randn(2, 53, 20, device=DEVICE)  # partial last tile, K not a multiple of BLOCK_K, 4 row blocks
     config = LaunchConfig.of(4, 2, BLOCK=16, BLOCK_K=16)
-    sums = kernel_profile.gram_tile_sums(x, config, split).cpu().double()
+    sums = kernel_profile.gram_tile_sums(x, config, split, group).cpu().double()
     gram = x.cpu().double() @ x.cpu().double().transpose(1, 2)
-    padded = torch.nn.functional.pad(gram, (0, 48 - 37, 0, 48 - 37))
-    expected = padded.reshape(2, 3, 16, 3, 16).sum(dim=(2, 4)).reshape(2, 9)
+    padded = torch.nn.functional.pad(gram, (0, 64 - 53, 0, 64 - 53))
+    expected = padded.reshape(2, 4, 16, 4, 16).sum(dim=(2, 4)).reshape(2, 16)
     torch.testing.assert_close(sums, expected, rtol=1e-5, atol=1e-4)
 
 

@@ -33,13 +33,16 @@ def resolve_backend(backend: str, device: torch.device, *dtypes: torch.dtype) ->
 
 def _check_options(student, teacher, backend: str, schedule: str):
     """(the resolved backend, student, teacher): for Triton, contiguous copies of inputs whose strides its int32
-    indexing cannot take; bad options and inputs the chosen backend cannot take raise."""
+    indexing cannot take ("auto" takes torch for clips of more than 2³¹ elements); bad options and inputs the
+    chosen backend cannot take raise."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     chosen = resolve_backend(backend, student.device, student.dtype, teacher.dtype)
     if chosen == "triton":
-        from .triton_common import check_inputs, indexable
+        from .triton_common import check_inputs, indexable, too_large
 
+        if backend == "auto" and (too_large(student) or too_large(teacher)):
+            return "torch", student, teacher  # clips past the kernels' int32 indexing
         student, teacher = indexable(student), indexable(teacher)
         check_inputs(student, teacher)
     return chosen, student, teacher

@@ -41,11 +41,16 @@ def clip_extent(x: torch.Tensor) -> int:
     return 1 + sum((size - 1) * stride for size, stride in zip(x.shape[1:], x.stride()[1:]))
 
 
+def too_large(x: torch.Tensor) -> bool:
+    """Whether one clip of x (B, N, D) holds more elements than int32 offsets reach, however it is laid out."""
+    return x.shape[1] * x.shape[2] > INT32_OFFSETS
+
+
 def indexable(x: torch.Tensor) -> torch.Tensor:
     """x (B, N, D), or a contiguous copy where its strides spread one clip past int32 offsets although its elements
     would fit (a sequence-first tensor transposed, a slice of a wider buffer): the kernels would read wrapped
     addresses, silently."""
-    return x.contiguous() if clip_extent(x) > INT32_OFFSETS >= x.shape[1] * x.shape[2] else x
+    return x.contiguous() if clip_extent(x) > INT32_OFFSETS and not too_large(x) else x
 
 
 def check_inputs(student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -53,10 +58,13 @@ def check_inputs(student: torch.Tensor, teacher: torch.Tensor) -> None:
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"backend 'triton' takes float32, bfloat16 or float16 {name}, got {x.dtype}; "
                             "use backend='torch' for it")
+        if too_large(x):
+            raise ValueError(f"backend 'triton' indexes one clip's elements in int32, but one clip of {name} holds "
+                             f"N·D = {x.shape[1] * x.shape[2]} elements (> 2**31); use backend='torch'")
         if clip_extent(x) > INT32_OFFSETS:
-            raise ValueError(f"backend 'triton' indexes one clip's elements in int32, but one clip of {name} "
-                             f"(shape {tuple(x.shape)}, strides {x.stride()}) spans {clip_extent(x)} elements "
-                             f"(> 2**31); pass it contiguous if N·D < 2**31, else use backend='torch'")
+            raise ValueError(f"backend 'triton' indexes one clip's elements in int32, but the strides of {name} "
+                             f"{x.stride()} spread one clip over {clip_extent(x)} elements (> 2**31); pass it "
+                             "contiguous")
     if not (student.is_cuda or interpreter_enabled()):
         raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device "
                          f"{student.device}; use backend='torch' or 'auto'")

@@ -58,11 +58,18 @@ def _norms_kernel(X, R, Q, ROWS, N, D, stride_b, stride_n, stride_d, eps,
 @triton.jit
 def _triangle_row(p, n):
     """Row P of the upper triangle of an n × n grid (row P holds n − P entries) that linear index p falls in."""
-    b2 = tl.cast(2 * n + 1, tl.float64)  # b2² passes int32 at n ≥ 23,170; one sqrt per program
-    row = ((b2 - tl.sqrt(b2 * b2 - 8.0 * p.to(tl.float64))) * 0.5).to(tl.int32)
-    row = tl.where(row * n - (row * (row - 1)) // 2 > p, row - 1, row)  # float rounding, either way
-    row = tl.where((row + 1) * n - ((row + 1) * row) // 2 <= p, row + 1, row)
-    return row
+    # In float64 and int64: (2n + 1)² passes int32 from n = 23,170, row·n from 46,341. Once per program.
+    b2 = tl.cast(2 * n + 1, tl.float64)
+    row = ((b2 - tl.sqrt(b2 * b2 - 8.0 * p.to(tl.float64))) * 0.5).to(tl.int64)
+    row = tl.where(_triangle_start(row, n) > p, row - 1, row)  # float rounding, either way
+    row = tl.where(_triangle_start(row + 1, n) <= p, row + 1, row)
+    return row.to(tl.int32)
+
+
+@triton.jit
+def _triangle_start(row, n):
+    """Linear index of row `row`'s first entry (int64), as `_triangle_row` counts."""
+    return row * n - (row * (row - 1)) // 2
 
 
 @triton.jit
@@ -91,7 +98,7 @@ def _pass1_tile(pid, ROW0, ROW_END, N, FRAME, NB, NBR, NBAND, MODE: tl.constexpr
         p = pid // (GROUP * GROUP)
         local = pid % (GROUP * GROUP)
         super_row = _triangle_row(p, supers)
-        super_col = super_row + p - (super_row * supers - (super_row * (super_row - 1)) // 2)
+        super_col = (super_row + p - _triangle_start(super_row.to(tl.int64), supers)).to(tl.int32)
         row_block = super_row * GROUP + local % GROUP
         col_block = super_col * GROUP + local // GROUP
         valid = (row_block <= col_block) & (col_block < NB)

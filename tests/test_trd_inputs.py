@@ -173,8 +173,20 @@ def test_strides_past_int32_offsets_are_read_right():
     assert indexable(wide).is_contiguous() and indexable(student) is not student
     assert indexable(S) is S  # nothing copied where the offsets fit
     huge = torch.empty(1, 2**21 + 1, 1024, device="meta", dtype=torch.bfloat16)  # N·D = 2³¹ + 1024
-    with pytest.raises(ValueError, match=r"int32.*student.*2147484672 elements"):
+    with pytest.raises(ValueError, match=r"int32.*student holds N·D = 2147484672 elements.*backend='torch'"):
         check_inputs(huge, huge)
+    with pytest.raises(ValueError, match=r"strides of teacher.*pass it contiguous"):
+        check_inputs(huge[:, :4], wide)
+
+
+def test_auto_backend_takes_torch_for_clips_past_int32(monkeypatch):
+    from videorepa.kernels import api
+
+    monkeypatch.setattr(api, "resolve_backend", lambda *args: "triton")  # as on CUDA
+    huge = torch.empty(1, 2**21 + 1, 1024, device="meta", dtype=torch.bfloat16)
+    assert api._check_options(huge, huge, "auto", "auto")[0] == "torch"
+    with pytest.raises(ValueError, match="use backend='torch'"):
+        api._check_options(huge, huge, "triton", "auto")
 
 
 @triton.jit
@@ -185,8 +197,8 @@ def _rows_of(P, OUT, n, M, BLOCK: tl.constexpr):
 
 def test_triangle_walk_finds_its_row_past_int32_squares():
     """Pass 1's triangle of n super-rows maps program p to its row through sqrt((2n + 1)² − 8p): (2n + 1)² passes
-    int32 at n ≥ 23,170, where the rows came out wrong."""
-    for n in (1, 9, 30000):
+    int32 at n ≥ 23,170, where the rows came out wrong, and row·n at n ≥ 46,341."""
+    for n in (1, 9, 30000, 50000):
         row = torch.arange(n, dtype=torch.int64)
         starts = row * n - row * (row - 1) // 2
         p = torch.cat([starts, starts[1:] - 1, starts + 1, torch.randint(0, n * (n + 1) // 2, (4000,))])
