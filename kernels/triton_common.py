@@ -61,10 +61,10 @@ def check_inputs(student: torch.Tensor, teacher: torch.Tensor) -> None:
         if too_large(x):
             raise ValueError(f"backend 'triton' indexes one clip's elements in int32, but one clip of {name} holds "
                              f"N·D = {x.shape[1] * x.shape[2]} elements (> 2**31); use backend='torch'")
-        if clip_extent(x) > INT32_OFFSETS:
+        extent = clip_extent(x)
+        if extent > INT32_OFFSETS:
             raise ValueError(f"backend 'triton' indexes one clip's elements in int32, but the strides of {name} "
-                             f"{x.stride()} spread one clip over {clip_extent(x)} elements (> 2**31); pass it "
-                             "contiguous")
+                             f"{x.stride()} spread one clip over {extent} elements (> 2**31); pass it contiguous")
     if not (student.is_cuda or interpreter_enabled()):
         raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device "
                          f"{student.device}; use backend='torch' or 'auto'")

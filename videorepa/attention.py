@@ -4,8 +4,8 @@ CogVideoX's attention processor calls torch.nn.functional.scaled_dot_product_att
 set_attention_backend never reaches it. What does:
 - "sdpa-flash": PyTorch's FlashAttention kernel, forced with torch.nn.attention.sdpa_kernel (CUDA, and PyTorch's
   CPU flash kernel on CPU);
-- "flash-attn": the flash-attn package's kernel, routed in by swapping the SDPA function the processor calls for
-  the duration of the forward (masks and dropout, which CogVideoX does not use, fall back to SDPA);
+- "flash-attn": the flash-attn package's kernel, routed in by swapping the SDPA function the processor calls while
+  the context holds (masks and dropout, which CogVideoX does not use, fall back to SDPA);
 - "sdpa": PyTorch's own choice.
 "auto" takes flash-attn when it is installed and the model runs in fp16/bf16 on CUDA, else sdpa-flash for fp16/bf16
 on CUDA, else sdpa (FlashAttention kernels take fp16/bf16 only).
